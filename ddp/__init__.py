@@ -1,0 +1,1 @@
+"""The DDP core: environment, process groups, data, precision, checkpoints and the training loop."""

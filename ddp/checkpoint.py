@@ -1,0 +1,238 @@
+"""Checkpoints that are never half-written and never unsafe to load.
+
+Writing: the state goes to ``NAME.tmp``, is flushed and fsynced, renamed into
+place, and only then is ``NAME.done`` written, holding the file's size and
+SHA-256. A checkpoint without a matching ``.done`` (a crash mid-write, a
+truncated copy, bit rot) is never taken as the latest; the previous valid one is.
+
+Layout of ``RUN_DIR/checkpoints``::
+
+    step_00000120.pt  step_00000120.pt.done   the last ``keep_last`` of these
+    last.pt -> newest step file               (hard links: no extra space)
+    best.pt -> step file with the best metric
+
+Loading uses ``torch.load(weights_only=True)``: a checkpoint can only hold
+tensors and plain Python values, so loading one cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+STEP_FILE = re.compile(r"step_(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that cannot be written; the message lists what was found."""
+
+
+@dataclass(frozen=True)
+class Found:
+    path: Path
+    step: int
+
+
+def step_path(directory: Path, step: int) -> Path:
+    return directory / f"step_{step:08d}.pt"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(state: dict, path: Path) -> None:
+    """Write ``state`` to ``path`` so that ``path`` is either absent, the old file, or complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    done = path.with_name(path.name + ".done")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        size, digest = tmp.stat().st_size, _sha256(tmp)
+        done.unlink(missing_ok=True)  # the old marker must not vouch for the new file
+        os.replace(tmp, path)
+        done_tmp = done.with_name(done.name + ".tmp")
+        done_tmp.write_text(json.dumps({"size": size, "sha256": digest}))
+        os.replace(done_tmp, done)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        for leftover in (tmp, done.with_name(done.name + ".tmp")):
+            leftover.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; "
+                              "the previous checkpoint is unchanged (free some space or fix the "
+                              "directory's permissions, then resume)") from None
+
+
+def verify(path: Path) -> str | None:
+    """None if ``path`` is a complete checkpoint, else why not."""
+    done = path.with_name(path.name + ".done")
+    if not path.exists():
+        return "missing"
+    if not done.exists():
+        return "no completion marker (written while the run stopped?)"
+    try:
+        record = json.loads(done.read_text())
+        size = path.stat().st_size
+        if size != record["size"]:
+            return f"size {size} bytes, expected {record['size']} (truncated?)"
+        if _sha256(path) != record["sha256"]:
+            return "checksum mismatch (corrupted)"
+    except (OSError, ValueError, KeyError) as err:
+        return f"unreadable completion marker ({err})"
+    return None
+
+
+def list_step_checkpoints(directory: Path) -> list[Found]:
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = STEP_FILE.match(entry.name)
+        if match:
+            found.append(Found(entry, int(match.group(1))))
+    return sorted(found, key=lambda item: item.step)
+
+
+def latest_valid(directory: Path) -> Found | None:
+    """The newest complete checkpoint; warns once about newer ones that are not."""
+    candidates = list_step_checkpoints(directory)
+    problems = []
+    for candidate in reversed(candidates):
+        problem = verify(candidate.path)
+        if problem is None:
+            if problems:
+                log.warning("skipping unusable checkpoint(s) %s; resuming from %s instead",
+                            "; ".join(problems), candidate.path.name)
+            return candidate
+        problems.append(f"{candidate.path.name}: {problem}")
+    if candidates:
+        raise CheckpointError(f"no valid checkpoint in {directory}; found {'; '.join(problems)}. "
+                              "Start afresh with checkpoint.resume=false or a new run.name")
+    return None
+
+
+def load(path: Path, map_location: torch.device | str = "cpu") -> dict:
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is the same problem for the user
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: {first_line}. Only checkpoints holding "
+                              "tensors and plain values are loaded (weights_only=True)") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint written by this launcher (no 'model' entry)")
+    return state
+
+
+def strip_module_prefix(state_dict: dict) -> dict:
+    """Accept state dicts saved from a DDP-wrapped (or compiled) model."""
+    prefixes = ("module.", "_orig_mod.")
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _link(source: Path, name: str) -> None:
+    """Point ``name`` at ``source`` atomically (hard link, else a copy of the bytes)."""
+    target = source.with_name(name)
+    tmp = source.with_name(name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        tmp.write_bytes(source.read_bytes())
+    os.replace(tmp, target)
+
+
+class CheckpointWriter:
+    """Rank 0's checkpoint writer: sync or in a background thread, with keep-last-N."""
+
+    def __init__(self, directory: Path, keep_last: int = 2, async_save: bool = False):
+        self.directory = directory
+        self.keep_last = max(1, keep_last)
+        self.async_save = async_save
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.tmp"):
+            stale.unlink(missing_ok=True)  # left by a crash mid-write
+
+    def save(self, state: dict, step: int, is_best: bool = False) -> Path:
+        self.wait()  # one write at a time; also surfaces a failed background write
+        path = step_path(self.directory, step)
+        if not self.async_save:
+            self._write(state, path, is_best)
+            return path
+        host_state = _to_host(state)  # the only part the training loop waits for
+        self._thread = threading.Thread(target=self._write_in_background, args=(host_state, path, is_best),
+                                        name="checkpoint-writer", daemon=False)
+        self._thread.start()
+        return path
+
+    def _write_in_background(self, state: dict, path: Path, is_best: bool) -> None:
+        try:
+            self._write(state, path, is_best)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the training thread by wait()
+            self._error = err
+
+    def _write(self, state: dict, path: Path, is_best: bool) -> None:
+        write_atomic(state, path)
+        _link(path, "last.pt")
+        if is_best:
+            _link(path, "best.pt")
+        self._prune()
+
+    def _prune(self) -> None:
+        for old in list_step_checkpoints(self.directory)[: -self.keep_last]:
+            old.path.unlink(missing_ok=True)
+            old.path.with_name(old.path.name + ".done").unlink(missing_ok=True)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _to_host(value: Any) -> Any:
+    """A deep copy with every tensor on the CPU, so training may go on changing the originals."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _to_host(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(item) for item in value)
+    return value

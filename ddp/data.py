@@ -1,0 +1,160 @@
+"""Samplers and loaders that make data order, augmentation and resume exact.
+
+* ``ResumableDistributedSampler`` is ``DistributedSampler`` that can start an
+  epoch part-way: it skips the samples already consumed (counted globally)
+  without loading them, and re-shards the rest over the current world size,
+  so a resumed run sees every remaining sample of the epoch once.
+* ``PerSampleSeeded`` seeds the random generators from (seed, epoch, index)
+  before each sample's transform. Augmentation is then a function of the
+  sample, not of how many samples a worker has produced before, which is what
+  makes a mid-epoch resume (or a different ``num_workers``) bitwise exact.
+* ``ShardSampler`` gives each rank a disjoint part of the evaluation set with
+  no padding, so summed metrics count every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from ddp.config import DataConfig
+
+
+def epoch_order(length: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    if not shuffle:
+        return list(range(length))
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)  # as DistributedSampler does
+    return torch.randperm(length, generator=generator).tolist()
+
+
+class ResumableDistributedSampler(Sampler):
+    """Yields ``(epoch, index)`` pairs of this rank's share of the epoch's remaining samples.
+
+    The epoch's order is a permutation seeded by (seed, epoch). ``consumed``
+    samples of it (globally, over all ranks) are skipped; the rest is padded
+    with the order's first samples to a multiple of the world size, as
+    ``DistributedSampler`` does, and dealt out round-robin. With the same
+    world size this is exactly the uninterrupted sequence; with another, it
+    still covers every remaining sample once (plus padding).
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int, seed: int, shuffle: bool = True,
+                 drop_last: bool = False):
+        if length <= 0:
+            raise ValueError("the training dataset is empty")
+        self.length, self.rank, self.world_size = length, rank, world_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch, self.consumed = 0, 0
+
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        self.epoch, self.consumed = epoch, min(consumed, self.length)
+
+    def _remaining(self) -> list[int]:
+        order = epoch_order(self.length, self.seed, self.epoch, self.shuffle)
+        remaining = order[self.consumed:]
+        if self.drop_last:
+            return remaining[: len(remaining) - len(remaining) % self.world_size]
+        padding = (-len(remaining)) % self.world_size
+        return remaining + (order * math.ceil(padding / len(order)))[:padding]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self._remaining()[self.rank :: self.world_size]:
+            yield (self.epoch, index)
+
+    def __len__(self) -> int:
+        remaining = self.length - self.consumed
+        if self.drop_last:
+            return remaining // self.world_size
+        return math.ceil(remaining / self.world_size)
+
+
+class ShardSampler(Sampler):
+    """Rank r evaluates samples r, r+W, r+2W, ...: disjoint, complete, no padding."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((0, index) for index in self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    # A fixed mixing of three integers (no Python hash(): it is salted per process).
+    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2**63 - 1)
+
+
+class PerSampleSeeded(Dataset):
+    """Wraps a dataset so each ``(epoch, index)`` item is produced under its own seed."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        seed = sample_seed(self.seed, epoch, index)
+        if get_worker_info() is not None:
+            # A worker's generators belong to it alone: seeding them is enough.
+            _seed_all(seed)
+            return self.dataset[index]
+        # In the main process, keep the training loop's generators untouched.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            _seed_all(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class WorkerSeeder:
+    """``worker_init_fn``: a distinct, reproducible seed per (seed, rank, worker)."""
+
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank = seed, rank
+
+    def __call__(self, worker_id: int) -> None:
+        _seed_all(self.seed + 1_000 * self.rank + worker_id)
+        torch.set_num_threads(1)  # workers compete with the trainer for cores
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, data: DataConfig, batch_size: int, *, seed: int,
+                rank: int, device: torch.device, num_workers: int | None = None,
+                drop_last: bool = False) -> DataLoader:
+    workers = data.num_workers if num_workers is None else num_workers
+    extra = {}
+    if workers > 0:
+        extra = dict(persistent_workers=True, prefetch_factor=data.prefetch_factor,
+                     worker_init_fn=WorkerSeeder(seed, rank))
+    # A loader of its own generator: creating an iterator must not draw from the global one,
+    # or a resumed run (which creates it at another moment) would drift from an uninterrupted one.
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        PerSampleSeeded(dataset, seed),
+        generator=generator,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=data.pin_memory and device.type == "cuda",
+        drop_last=drop_last,
+        **extra,
+    )

@@ -1,0 +1,80 @@
+"""Putting a job's bare model on its device: SyncBatchNorm, memory format, DDP, compile.
+
+``wrap`` returns the model unchanged for one process and ``unwrap`` undoes
+whatever ``wrap`` added, so checkpoints always hold the bare model's keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ddp.config import DDPConfig, TrainConfig
+from ddp.env import DistEnv
+
+log = logging.getLogger(__name__)
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device, env: DistEnv) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm where torch supports it: CUDA with a process group.
+
+    Torch's SyncBatchNorm refuses CPU modules under DDP ("SyncBatchNorm layers
+    only work with GPU modules") and needs a process group, so elsewhere the
+    same config runs with plain BatchNorm after one warning.
+    """
+    if device.type != "cuda" or not env.distributed:
+        where = "on CPU" if device.type != "cuda" else "in a single process"
+        warnings.warn(f"train.sync_bn=true has no effect {where}: SyncBatchNorm needs CUDA and more "
+                      "than one process; training with ordinary BatchNorm", stacklevel=2)
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def wrap(model: nn.Module, device: torch.device, env: DistEnv, train: TrainConfig, ddp: DDPConfig) -> nn.Module:
+    if train.sync_bn:
+        model = convert_sync_batchnorm(model, device, env)
+    memory_format = torch.channels_last if train.channels_last else torch.preserve_format
+    model = model.to(device=device, memory_format=memory_format)
+    if env.distributed:
+        model = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=ddp.bucket_cap_mb,
+            gradient_as_bucket_view=ddp.gradient_as_bucket_view,
+            static_graph=ddp.static_graph,
+            find_unused_parameters=ddp.find_unused_parameters,
+        )
+    if train.compile:
+        model = torch.compile(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def ddp_module(model: nn.Module) -> DistributedDataParallel | None:
+    """The DDP wrapper inside ``model`` (possibly under ``torch.compile``), if any."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            return model
+        if not hasattr(model, "_orig_mod"):
+            return None
+        model = model._orig_mod
+
+
+def parameter_signature(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the bare model's parameters and buffers, to compare across ranks."""
+    bare = unwrap(model)
+    return [(name, tuple(tensor.shape)) for name, tensor in bare.state_dict().items()]

@@ -1,0 +1,111 @@
+"""What a run tells its user: per-rank log files, rank 0's console, metrics.jsonl, TensorBoard, a progress bar.
+
+Only rank 0 writes metrics, TensorBoard files and the console; every rank
+writes its own ``logs/rank_N.log``. TensorBoard and tqdm are imported lazily,
+so a run that does not use them does not pay for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ddp.env import DistEnv
+
+LOG_FORMAT = "%(asctime)s [rank %(rank)s] %(levelname)s %(message)s"
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(run_dir: Path, env: DistEnv, console: bool = True) -> Path:
+    """Every rank logs to its own file; rank 0 also to the console. Returns the file's path."""
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / f"rank_{env.rank}.log"
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_launcher", False):
+            root.removeHandler(handler)
+            handler.close()
+    handlers: list[logging.Handler] = [logging.FileHandler(log_file)]
+    if console and env.is_main:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler._launcher = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        handler.addFilter(_RankFilter(env.rank))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    return log_file
+
+
+class MetricsSink:
+    """Rank 0's scalars: one JSON line each in metrics.jsonl, and TensorBoard when installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._writer = None
+        if not enabled:
+            return
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+                logging.getLogger(__name__).warning("tensorboard is not importable; metrics go to metrics.jsonl only")
+            else:
+                self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float], epoch: int | None = None) -> None:
+        if not self.enabled:
+            return
+        record: dict[str, Any] = {"step": step, "time": round(time.time(), 3)}
+        if epoch is not None:
+            record["epoch"] = epoch
+        record.update(scalars)
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for name, value in scalars.items():
+                self._writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+class Progress:
+    """A tqdm bar on rank 0 when stderr is a terminal; otherwise nothing at all."""
+
+    def __init__(self, enabled: bool, total: int, initial: int = 0, desc: str = ""):
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False,
+                             mininterval=0.5)
+
+    def update(self, steps: int = 1, **postfix: float) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

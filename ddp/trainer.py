@@ -1,0 +1,315 @@
+"""The training loop: the one code path for ``launch debug``, ``launch local`` and ``launch slurm``.
+
+``run_training`` is what every worker calls. With one process the process
+group, DDP and all collectives are no-ops, so the debugger sees exactly the
+code that runs on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddp import checkpoint as ckpt
+from ddp import distributed, rng
+from ddp.config import Config
+from ddp.data import ResumableDistributedSampler, ShardSampler, make_loader
+from ddp.env import DistEnv
+from ddp.evaluation import evaluate
+from ddp.model import ddp_module, unwrap, wrap
+from ddp.optim import build_optimizer, build_schedule
+from ddp.precision import autocast, grad_scaler
+from ddp.reporting import MetricsSink, Progress, setup_logging
+from ddp.resume import TrainState, capture_state, restore_state
+from ddp.signals import StopRequest
+from ddp.transfer import count_samples, to_device
+from jobs.registry import make_job
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite and ``train.on_nonfinite`` is ``error``."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "finished", "stopped" (a stop signal: resumable) or "already_finished"
+    step: int
+    epoch: int
+    metrics: dict
+    checkpoint: Path | None
+
+
+def run_training(config: Config, run_dir: Path, env: DistEnv, *, num_workers: int | None = None) -> Outcome:
+    """Train the config's job in this process, as one of ``env.world_size`` workers."""
+    run_dir = Path(run_dir)
+    setup_logging(run_dir, env)
+    device = distributed.select_device(env, config.train.device)
+    if config.run.deterministic:
+        rng.use_deterministic_algorithms()
+    with distributed.process_group(env, device, config.ddp.backend, config.ddp.timeout_s), StopRequest() as stop:
+        return Trainer(config, run_dir, env, device, stop, num_workers).fit()
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path, env: DistEnv, device: torch.device, stop: StopRequest,
+                 num_workers: int | None = None):
+        self.config, self.run_dir, self.env, self.device, self.stop = config, run_dir, env, device, stop
+        train = config.train
+        self.job = make_job(config.job, env)
+        if env.is_main:
+            self.job.prepare_datasets()  # downloads happen once, before the other ranks look
+        distributed.barrier()
+
+        # Same seed on every rank before building the model: identical initial weights.
+        rng.seed_everything(config.run.seed)
+        bare_model = self.job.build_model()
+        train_set, val_set = self.job.build_datasets()
+        # From here on each rank draws its own stream (dropout, mixup).
+        rng.seed_everything(config.run.seed + 1 + env.rank)
+
+        self.model = wrap(bare_model, device, env, train, config.ddp)
+        self.ddp = ddp_module(self.model)
+        self.optimizer = build_optimizer(unwrap(self.model), config.optim)
+
+        data = config.data
+        self.sampler = ResumableDistributedSampler(len(train_set), env.rank, env.world_size, config.run.seed,
+                                                   drop_last=data.drop_last)
+        self.train_loader = make_loader(train_set, self.sampler, data, data.batch_size, seed=config.run.seed,
+                                        rank=env.rank, device=device, num_workers=num_workers,
+                                        drop_last=data.drop_last)
+        self.val_loader = None
+        if val_set is not None and len(val_set) > 0:
+            self.val_loader = make_loader(val_set, ShardSampler(len(val_set), env.rank, env.world_size), data,
+                                          data.eval_batch_size or data.batch_size, seed=config.run.seed,
+                                          rank=env.rank, device=device, num_workers=num_workers)
+        self.train_size = len(train_set)
+        micro_per_epoch = len(ResumableDistributedSampler(len(train_set), 0, env.world_size, 0,
+                                                          drop_last=data.drop_last))
+        micro_per_epoch = (micro_per_epoch // data.batch_size if data.drop_last
+                           else math.ceil(micro_per_epoch / data.batch_size))
+        self.steps_per_epoch = max(1, math.ceil(micro_per_epoch / train.accumulate))
+        self.total_steps = train.epochs * self.steps_per_epoch
+        if train.max_steps is not None:
+            self.total_steps = min(self.total_steps, train.max_steps)
+        self.scheduler = build_schedule(self.optimizer, config.schedule, self.total_steps, config.optim.lr)
+        self.scaler = grad_scaler(train.precision, device)
+        self.memory_format = torch.channels_last if train.channels_last else None
+
+        self.state = TrainState()
+        self.writer = ckpt.CheckpointWriter(run_dir / "checkpoints", config.checkpoint.keep_last,
+                                            config.checkpoint.async_save) if env.is_main else None
+        self.sink = MetricsSink(run_dir, enabled=env.is_main)
+        self.last_checkpoint: Path | None = None
+        self.skipped_steps = 0
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def resume_if_possible(self) -> None:
+        if not self.config.checkpoint.resume:
+            return
+        found = None
+        if self.env.is_main:
+            try:
+                found = ckpt.latest_valid(self.run_dir / "checkpoints")
+            except ckpt.CheckpointError as err:
+                found = err
+        found = distributed.broadcast_object(found)
+        if isinstance(found, ckpt.CheckpointError):
+            raise found
+        if found is None:
+            return
+        saved = ckpt.load(found.path, map_location=self.device)
+        self.state = restore_state(self, saved)
+        self.last_checkpoint = found.path
+        if self.env.is_main:
+            log.info("resuming from %s: step %d, epoch %d, %d samples into the epoch", found.path,
+                     self.state.step, self.state.epoch, self.state.consumed)
+
+    def save_checkpoint(self, is_best: bool = False) -> None:
+        states = distributed.all_gather_object(rng.capture())  # every rank's generators, to rank 0
+        if self.env.is_main:
+            state = capture_state(self, states)
+            self.last_checkpoint = self.writer.save(state, self.state.step, is_best=is_best)
+        distributed.barrier()
+
+    # -- the loop --------------------------------------------------------------
+
+    def fit(self) -> Outcome:
+        train = self.config.train
+        self.resume_if_possible()
+        if self._done():
+            log.info("run already finished (step %d, epoch %d); nothing to do", self.state.step, self.state.epoch)
+            return Outcome("already_finished", self.state.step, self.state.epoch, {}, self.last_checkpoint)
+        self.model.train()
+        metrics: dict = {}
+        try:
+            while not self._done():
+                stopped = self._train_epoch()
+                epoch_finished = self.state.consumed == 0
+                if epoch_finished or self._done():
+                    is_best = False
+                    due = self._done() or self.state.epoch % train.eval_every_epochs == 0
+                    if self.val_loader is not None and due:
+                        metrics = self._evaluate()
+                        is_best = self._update_best(metrics)
+                    self.save_checkpoint(is_best=is_best)
+                elif stopped:
+                    self.save_checkpoint()
+                if stopped:
+                    if self.writer:
+                        self.writer.wait()
+                    log.warning("stopped by %s at step %d; checkpoint %s", self.stop.signal_name or "request",
+                                self.state.step, self.last_checkpoint)
+                    return Outcome("stopped", self.state.step, self.state.epoch, metrics, self.last_checkpoint)
+            return Outcome("finished", self.state.step, self.state.epoch, metrics, self.last_checkpoint)
+        finally:
+            if self.writer:
+                self.writer.wait()
+            self.sink.close()
+
+    def _done(self) -> bool:
+        max_steps = self.config.train.max_steps
+        return self.state.epoch >= self.config.train.epochs or (max_steps is not None and self.state.step >= max_steps)
+
+    def _train_epoch(self) -> bool:
+        """One epoch (or its rest, after a resume), or up to max_steps or a stop. True if a stop was agreed."""
+        config, train, env, state = self.config, self.config.train, self.env, self.state
+        self.sampler.set_epoch(state.epoch, state.consumed)  # by the library, every epoch
+        micro_batches = len(self.train_loader)
+        progress = Progress(env.is_main and train.progress_bar, total=self.steps_per_epoch,
+                            initial=self.steps_per_epoch - math.ceil(micro_batches / train.accumulate),
+                            desc=f"epoch {state.epoch}")
+        precision = autocast(train.precision, self.device)
+        # Logged quantities stay on the device until a log step: no host sync per step.
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        loss_count = 0
+        bad_steps = torch.zeros((), device=self.device)
+        window_start, window_samples, epoch_start = time.perf_counter(), 0, time.perf_counter()
+        every = config.checkpoint.every_steps
+        stop_requested = completed = False
+        for micro, batch in enumerate(self.train_loader):
+            batch = to_device(batch, self.device, self.memory_format)
+            samples = count_samples(batch)
+            boundary = (micro + 1) % train.accumulate == 0 or micro + 1 == micro_batches
+            sync = nullcontext() if boundary or self.ddp is None else self.ddp.no_sync()
+            with sync:
+                with precision:
+                    loss = self.job.training_step(self.model, batch)
+                self.scaler.scale(loss / train.accumulate).backward()
+            loss = loss.detach()
+            loss_sum += loss
+            loss_count += 1
+            bad_steps += ~torch.isfinite(loss)
+            state.consumed = min(self.train_size, state.consumed + samples * env.world_size)
+            window_samples += samples * env.world_size
+            if not boundary:
+                continue
+            self._optimizer_step(loss)
+            state.step += 1
+            progress.update(1)
+            # A checkpoint step is also a log step, so a non-finite loss is caught before it is saved.
+            log_now = (state.step % train.log_every == 0 or micro + 1 == micro_batches
+                       or bool(every and state.step % every == 0))
+            if log_now:
+                stop_requested = self._log_window(loss_sum, loss_count, bad_steps, window_samples,
+                                                  time.perf_counter() - window_start)
+                loss_sum.zero_()
+                bad_steps.zero_()
+                loss_count, window_samples, window_start = 0, 0, time.perf_counter()
+                if stop_requested:
+                    break
+            if self._done():
+                break
+            if every and state.step % every == 0 and micro + 1 < micro_batches:
+                self.save_checkpoint()
+        else:
+            completed = True
+        progress.close()
+        if completed:
+            state.epoch += 1
+            state.consumed = 0
+            if env.is_main:
+                self.sink.write(state.step, {"train/epoch_time_s": time.perf_counter() - epoch_start},
+                                epoch=state.epoch)
+        return stop_requested
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        train = self.config.train
+        if train.on_nonfinite == "skip" and not self._gradients_finite():
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite gradients, step skipped on every rank (%d so far)",
+                        self.state.step, self.skipped_steps)
+            self.scheduler.step()
+            return
+        if train.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _gradients_finite(self) -> bool:
+        """DDP has averaged the gradients, so every rank reaches the same answer without a collective.
+
+        Under fp16 the gradient scaler already skips steps with overflowing gradients; that is left alone.
+        """
+        if self.scaler.is_enabled():
+            return True
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()).item())
+
+    def _log_window(self, loss_sum, loss_count, bad_steps, samples, seconds) -> bool:
+        """Reduce the window's figures over ranks, log them on rank 0; True if any rank must stop."""
+        local = torch.stack([loss_sum.double(), torch.tensor(float(loss_count), device=self.device, dtype=torch.float64),
+                             bad_steps.double(),
+                             torch.tensor(1.0 if self.stop.requested else 0.0, device=self.device, dtype=torch.float64)])
+        gathered = torch.stack(distributed.all_gather_object(local.cpu())) if self.env.distributed else local.cpu()[None]
+        totals = gathered.sum(0).tolist()
+        if totals[2] > 0 and self.config.train.on_nonfinite == "error" and not self.scaler.is_enabled():
+            ranks = [r for r, row in enumerate(gathered.tolist()) if row[2] > 0]
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite on rank(s) {ranks} within the {int(totals[1] / len(gathered))} "
+                f"micro-batches before step {self.state.step}; the last good checkpoint is "
+                f"{self.last_checkpoint or 'none'}. Lower optim.lr, set train.clip_grad_norm, or "
+                "train.on_nonfinite=skip")
+        if self.env.is_main:
+            loss = totals[0] / max(1.0, totals[1])
+            lr = self.optimizer.param_groups[0]["lr"]
+            scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": samples / max(seconds, 1e-9)}
+            self.sink.write(self.state.step, scalars, epoch=self.state.epoch)
+            log.info("epoch %d step %d loss %.4f lr %.4g %.0f samples/s", self.state.epoch, self.state.step,
+                     loss, lr, scalars["train/samples_per_s"])
+        return totals[3] > 0
+
+    def _evaluate(self) -> dict:
+        metrics = evaluate(self.model, self.val_loader, self.job.evaluation_step, self.device,
+                           autocast(self.config.train.precision, self.device))
+        metrics = {f"val/{name}": value for name, value in metrics.items()}
+        if self.env.is_main:
+            self.sink.write(self.state.step, metrics, epoch=self.state.epoch)
+            log.info("epoch %d step %d %s", self.state.epoch, self.state.step,
+                     " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def _update_best(self, metrics: dict) -> bool:
+        name = self.config.checkpoint.best_metric
+        if name is None or name not in metrics:
+            return False
+        value = metrics[name]
+        better = (self.state.best is None or
+                  (value > self.state.best if self.config.checkpoint.best_mode == "max" else value < self.state.best))
+        if better:
+            self.state.best = value
+        return better

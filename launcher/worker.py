@@ -1,0 +1,31 @@
+"""What each worker process runs: ``python -m launcher.worker RUN_DIR``.
+
+torchrun's agent (or SLURM, or ``launch debug`` in-process) sets the
+environment; the config is the run directory's ``config.yaml``, so every
+worker trains exactly what the launcher validated and saved.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from ddp.config import load_config
+from ddp.env import read_env
+from ddp.signals import EXIT_RESUMABLE
+from ddp.trainer import run_training
+
+
+@record  # writes the traceback where torchrun's agent finds it, to name the root cause
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run_dir = Path(argv[0])
+    config = load_config(run_dir / "config.yaml")
+    outcome = run_training(config, run_dir, read_env())
+    return EXIT_RESUMABLE if outcome.status == "stopped" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
