@@ -139,9 +139,32 @@ class Config:
     def hash(self) -> str:
         """A short digest of everything that changes what is trained."""
         data = self.to_dict()
-        data.pop("slurm")  # where it runs does not change what it computes
+        for section, key in NOT_IN_HASH:
+            if key is None:
+                data.pop(section)
+            else:
+                data[section].pop(key)
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys that change how a run is watched, stored or scheduled, not what it computes: they may
+# differ between a run and its resumption, and do not enter the config hash.
+NOT_IN_HASH = (
+    ("slurm", None),
+    ("watchdog", None),
+    ("train", "progress_bar"),
+    ("train", "log_every"),
+    ("checkpoint", "keep_last"),
+    ("checkpoint", "async_save"),
+    ("checkpoint", "every_steps"),
+    ("checkpoint", "resume"),
+)
+
+
+def changes_what_is_trained(dotted_key: str) -> bool:
+    section, _, key = dotted_key.partition(".")
+    return not any(section == s and (k is None or key == k) for s, k in NOT_IN_HASH)
 
 
 # -- loading -----------------------------------------------------------------

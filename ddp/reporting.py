@@ -109,3 +109,38 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def code_revision() -> str | None:
+    """The git revision of the working directory's checkout (the user's code), if it is one."""
+    import subprocess
+
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def write_environment(run_dir: Path, env: DistEnv, device, backend: str, hostnames: list[str]) -> None:
+    """Rank 0's record of where and with what the run ran (appended per launch: a resume may differ)."""
+    import platform
+
+    import torch
+
+    record = {
+        "time": round(time.time(), 3),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "device": str(device),
+        "backend": backend if env.distributed else None,
+        "world_size": env.world_size,
+        "nnodes": env.nnodes,
+        "launched_by": env.source,
+        "restart_count": env.restart_count,
+        "hostnames": hostnames,
+        "git_revision": code_revision(),
+    }
+    with open(run_dir / "env.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
-from contextlib import nullcontext
+import traceback
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +21,18 @@ import torch
 from ddp import checkpoint as ckpt
 from ddp import distributed, rng
 from ddp.config import Config
+from ddp.consistency import check_ranks_agree
 from ddp.data import ResumableDistributedSampler, ShardSampler, make_loader
 from ddp.env import DistEnv
 from ddp.evaluation import evaluate
 from ddp.model import ddp_module, unwrap, wrap
 from ddp.optim import build_optimizer, build_schedule
 from ddp.precision import autocast, grad_scaler
-from ddp.reporting import MetricsSink, Progress, setup_logging
+from ddp.reporting import MetricsSink, Progress, setup_logging, write_environment
 from ddp.resume import TrainState, capture_state, restore_state
 from ddp.signals import StopRequest
 from ddp.transfer import count_samples, to_device
+from ddp.watchdog import Watchdog, collective_timeout
 from jobs.registry import make_job
 
 log = logging.getLogger(__name__)
@@ -50,12 +54,26 @@ class Outcome:
 def run_training(config: Config, run_dir: Path, env: DistEnv, *, num_workers: int | None = None) -> Outcome:
     """Train the config's job in this process, as one of ``env.world_size`` workers."""
     run_dir = Path(run_dir)
-    setup_logging(run_dir, env)
-    device = distributed.select_device(env, config.train.device)
-    if config.run.deterministic:
-        rng.use_deterministic_algorithms()
-    with distributed.process_group(env, device, config.ddp.backend, config.ddp.timeout_s), StopRequest() as stop:
-        return Trainer(config, run_dir, env, device, stop, num_workers).fit()
+    log_file = setup_logging(run_dir, env)
+    with _failure_logged(log_file):
+        device = distributed.select_device(env, config.train.device)
+        if config.run.deterministic:
+            rng.use_deterministic_algorithms()
+        timeout_s = collective_timeout(config.ddp.timeout_s, config.watchdog.timeout_s)
+        with distributed.process_group(env, device, config.ddp.backend, timeout_s), StopRequest() as stop:
+            return Trainer(config, run_dir, env, device, stop, num_workers).fit()
+
+
+@contextmanager
+def _failure_logged(log_file: Path):
+    """A failure's message to the log (and so rank 0's console), its traceback to the log file only."""
+    try:
+        yield
+    except Exception as err:
+        log.error("%s: %s", type(err).__name__, err)
+        with open(log_file, "a") as handle:
+            traceback.print_exc(file=handle)
+        raise
 
 
 class Trainer:
@@ -64,6 +82,9 @@ class Trainer:
         self.config, self.run_dir, self.env, self.device, self.stop = config, run_dir, env, device, stop
         train = config.train
         self.job = make_job(config.job, env)
+        hostnames = distributed.all_gather_object(socket.gethostname())
+        if env.is_main:
+            write_environment(run_dir, env, device, distributed.backend_for(device, config.ddp.backend), hostnames)
         if env.is_main:
             self.job.prepare_datasets()  # downloads happen once, before the other ranks look
         distributed.barrier()
@@ -74,6 +95,8 @@ class Trainer:
         train_set, val_set = self.job.build_datasets()
         # From here on each rank draws its own stream (dropout, mixup).
         rng.seed_everything(config.run.seed + 1 + env.rank)
+        # Before DDP's constructor, which fails obscurely (or hangs) on models that differ.
+        check_ranks_agree(config, bare_model, self.job, len(train_set))
 
         self.model = wrap(bare_model, device, env, train, config.ddp)
         self.ddp = ddp_module(self.model)
@@ -109,6 +132,7 @@ class Trainer:
         self.sink = MetricsSink(run_dir, enabled=env.is_main)
         self.last_checkpoint: Path | None = None
         self.skipped_steps = 0
+        self.watchdog = Watchdog(run_dir, env, config.watchdog.timeout_s)
 
     # -- checkpoints ---------------------------------------------------------
 
@@ -134,11 +158,35 @@ class Trainer:
                      self.state.step, self.state.epoch, self.state.consumed)
 
     def save_checkpoint(self, is_best: bool = False) -> None:
+        self.watchdog.beat(self.state.step, "checkpoint")
         states = distributed.all_gather_object(rng.capture())  # every rank's generators, to rank 0
+
+        def write() -> Path:
+            return self.writer.save(capture_state(self, states), self.state.step, is_best=is_best)
+
+        self.last_checkpoint = self._on_main_then_agree(write)
+
+    def _on_main_then_agree(self, action):
+        """``action()`` on rank 0 (which alone writes checkpoints), its result or its error on every rank.
+
+        With a plain barrier, a failed write (disk full, file-size limit) would end
+        rank 0 while the others wait in the barrier until the process group's
+        timeout; here every rank raises the same error at once.
+        """
+        self.watchdog.beat(self.state.step, "checkpoint-agree")
+        error, result = None, None
         if self.env.is_main:
-            state = capture_state(self, states)
-            self.last_checkpoint = self.writer.save(state, self.state.step, is_best=is_best)
-        distributed.barrier()
+            try:
+                result = action()
+            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+                error = err
+        message, result = distributed.broadcast_object((None if error is None else str(error), result))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise ckpt.CheckpointError(message if "checkpoint" in message
+                                       else f"rank 0 failed to save a checkpoint: {message}")
+        return result
 
     # -- the loop --------------------------------------------------------------
 
@@ -150,6 +198,7 @@ class Trainer:
             return Outcome("already_finished", self.state.step, self.state.epoch, {}, self.last_checkpoint)
         self.model.train()
         metrics: dict = {}
+        self.watchdog.start()
         try:
             while not self._done():
                 stopped = self._train_epoch()
@@ -164,16 +213,30 @@ class Trainer:
                 elif stopped:
                     self.save_checkpoint()
                 if stopped:
-                    if self.writer:
-                        self.writer.wait()
+                    self._finish_writes()
                     log.warning("stopped by %s at step %d; checkpoint %s", self.stop.signal_name or "request",
                                 self.state.step, self.last_checkpoint)
                     return Outcome("stopped", self.state.step, self.state.epoch, metrics, self.last_checkpoint)
+            self._finish_writes()
             return Outcome("finished", self.state.step, self.state.epoch, metrics, self.last_checkpoint)
         finally:
+            self.watchdog.stop()
             if self.writer:
                 self.writer.wait()
             self.sink.close()
+
+    def _finish_writes(self) -> None:
+        """Wait for a background checkpoint write; its failure ends every rank, not only rank 0."""
+        self._on_main_then_agree(lambda: self.writer.wait())
+
+    def _beating(self, loader, phase: str):
+        """``loader``'s batches, with a watchdog beat before each fetch (a hung loader is a stall too)."""
+        index = 0
+        self.watchdog.beat(self.state.step, phase, index)
+        for batch in loader:
+            yield batch
+            index += 1
+            self.watchdog.beat(self.state.step, phase, index)
 
     def _done(self) -> bool:
         max_steps = self.config.train.max_steps
@@ -195,7 +258,9 @@ class Trainer:
         window_start, window_samples, epoch_start = time.perf_counter(), 0, time.perf_counter()
         every = config.checkpoint.every_steps
         stop_requested = completed = False
-        for micro, batch in enumerate(self.train_loader):
+        beat = self.watchdog.beat
+        for micro, batch in enumerate(self._beating(self.train_loader, "data")):
+            beat(state.step, "forward")
             batch = to_device(batch, self.device, self.memory_format)
             samples = count_samples(batch)
             boundary = (micro + 1) % train.accumulate == 0 or micro + 1 == micro_batches
@@ -203,6 +268,7 @@ class Trainer:
             with sync:
                 with precision:
                     loss = self.job.training_step(self.model, batch)
+                beat(state.step, "backward")
                 self.scaler.scale(loss / train.accumulate).backward()
             loss = loss.detach()
             loss_sum += loss
@@ -212,6 +278,7 @@ class Trainer:
             window_samples += samples * env.world_size
             if not boundary:
                 continue
+            beat(state.step, "optimizer")
             self._optimizer_step(loss)
             state.step += 1
             progress.update(1)
@@ -219,6 +286,7 @@ class Trainer:
             log_now = (state.step % train.log_every == 0 or micro + 1 == micro_batches
                        or bool(every and state.step % every == 0))
             if log_now:
+                beat(state.step, "log")
                 stop_requested = self._log_window(loss_sum, loss_count, bad_steps, window_samples,
                                                   time.perf_counter() - window_start)
                 loss_sum.zero_()
@@ -294,8 +362,8 @@ class Trainer:
         return totals[3] > 0
 
     def _evaluate(self) -> dict:
-        metrics = evaluate(self.model, self.val_loader, self.job.evaluation_step, self.device,
-                           autocast(self.config.train.precision, self.device))
+        metrics = evaluate(self.model, self._beating(self.val_loader, "evaluate"), self.job.evaluation_step,
+                           self.device, autocast(self.config.train.precision, self.device))
         metrics = {f"val/{name}": value for name, value in metrics.items()}
         if self.env.is_main:
             self.sink.write(self.state.step, metrics, epoch=self.state.epoch)

@@ -57,6 +57,7 @@ def describe(name: str, *, data_dir: Optional[str] = None, num_classes: Optional
     if name == "digits":
         _check_digits_size(image_size)
     if name == "imagefolder":
+        _split_dir(data_dir, "val")  # fail now, not after the model is built
         found = len(_find_classes(_split_dir(data_dir, "train")))
     else:
         found = {"digits": 10, "mnist": 10, "cifar10": 10, "fake": num_classes or 10}[name]
@@ -147,12 +148,17 @@ def build_digits(val_fraction: float = 0.2, augment: bool = True) -> tuple[Datas
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
     labels = torch.as_tensor(digits.target, dtype=torch.int64)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
-    n_val = round(len(labels) * val_fraction)
-    val_idx, train_idx = order[:n_val], order[n_val:]
+    train_idx, val_idx = split_indices(len(labels), val_fraction)
     train = TensorImages(images[train_idx], labels[train_idx], shift=1 if augment else 0)
-    val = TensorImages(images[val_idx], labels[val_idx]) if n_val else None
+    val = TensorImages(images[val_idx], labels[val_idx]) if len(val_idx) else None
     return train, val
+
+
+def split_indices(length: int, val_fraction: float, seed: int = DIGITS_SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices: a permutation from its own generator, so the global seed has no say."""
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed))
+    n_val = round(length * val_fraction)
+    return order[n_val:], order[:n_val]
 
 
 # -- image folders ------------------------------------------------------------------------------

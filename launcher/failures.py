@@ -15,10 +15,43 @@ def _message_and_traceback(failure) -> tuple[str, str]:
     return str(message or ""), ""
 
 
+def split_error(text: str) -> tuple[str, str]:
+    """``"DatasetError: cannot read ..."`` -> ("DatasetError", "cannot read ...").
+
+    An error raised in a DataLoader worker arrives wrapped ("Caught DatasetError in
+    DataLoader worker process 0. Original Traceback ..."): its last line is the real one.
+    """
+    text = text.strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].strip()
+    name, sep, message = text.partition(": ")
+    if not sep or " " in name:
+        return "", text
+    return name.rsplit(".", 1)[-1], message.strip()
+
+
 def describe_failure(error, run_dir: Path) -> str:
-    """The first failed worker as the root cause: rank, exit code, its own traceback, its log."""
+    """The first failed worker as the root cause: rank, exit code, its own traceback, its log.
+
+    A known error (a bad dataset, a stalled rank, a failed checkpoint write) is
+    its message alone; its traceback stays in the worker's log. Anything else is
+    a bug worth the traceback, shown under a header.
+    """
+    from ddp.watchdog import EXIT_STALLED
+    from launcher.preflight import known_error_names
+
     rank, first = error.get_first_failure()
     text, trace = _message_and_traceback(first)
+    log_file = run_dir / "logs" / f"rank_{rank}.log"
+    name, message = split_error(text)
+    if first.exitcode == EXIT_STALLED or name == "WatchdogTimeout":
+        return "\n".join([f"error: {message}",
+                           f"every worker was ended by the watchdog (exit code {EXIT_STALLED}); continue with "
+                           f"`launch resume {run_dir}` once the cause is fixed"])
+    if name in known_error_names():
+        return "\n".join([f"error: {message}",
+                           f"(rank {rank} failed with {name}, exit code {first.exitcode}; its traceback is in "
+                           f"{log_file})"])
     if first.exitcode < 0:
         try:
             cause = f"killed by signal {signal.Signals(-first.exitcode).name}"
@@ -31,5 +64,5 @@ def describe_failure(error, run_dir: Path) -> str:
     others = sorted(r for r in error.failures if r != rank)
     if others:
         lines.append(f"other failed ranks (most likely as a consequence): {', '.join(map(str, others))}")
-    lines.append(f"worker log: {run_dir / 'logs' / f'rank_{rank}.log'}")
+    lines.append(f"worker log: {log_file}")
     return "\n".join(lines)

@@ -49,18 +49,29 @@ def debug_config(config: Config, steps: int | None, device: str) -> Config:
     )
 
 
-def known_error(err: BaseException) -> bool:
+def known_errors() -> tuple[type, ...]:
     """Errors whose message is the whole story, printed in one line without a traceback."""
     from ddp.checkpoint import CheckpointError
+    from ddp.consistency import RankMismatchError
     from ddp.distributed import DeviceError
     from ddp.trainer import NonFiniteLossError
+    from jobs.datasets import DatasetError
+    from jobs.models import ModelError
     from jobs.registry import JobError
 
-    known: tuple = (CheckpointError, DeviceError, NonFiniteLossError, JobError)
-    try:
-        from jobs.datasets import DatasetError
+    return (CheckpointError, DeviceError, NonFiniteLossError, JobError, DatasetError, ModelError, RankMismatchError,
+            ConfigError)
 
-        known += (DatasetError,)
-    except ImportError:
-        pass
-    return isinstance(err, known)
+
+def known_error(err: BaseException) -> bool:
+    return isinstance(err, known_errors())
+
+
+def known_error_names() -> set[str]:
+    """The class names of the known errors and their subclasses (a worker's error arrives as text)."""
+    names, todo = set(), list(known_errors())
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names

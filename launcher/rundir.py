@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ddp.config import Config, ConfigError, build, dump_yaml, load_config
+from ddp.config import Config, ConfigError, build, changes_what_is_trained, dump_yaml, load_config
 
 
 class RunDirError(RuntimeError):
@@ -88,13 +88,15 @@ def prepare(config: Config, launch_record: dict | None = None) -> tuple[Path, bo
     existing = run_dir / "config.yaml"
     if existing.is_file():
         old = saved_config(run_dir)
-        differences = [key for key in config_differences(old, config) if not key.startswith("slurm.")]
+        differences = [key for key in config_differences(old, config) if changes_what_is_trained(key)]
         if differences:
             raise RunDirError(
                 f"{run_dir} already holds a run with a different config (differs in {', '.join(differences[:5])}). "
                 f"Continue that run with `launch resume {run_dir} KEY=VALUE ...`, or start a new one with "
                 "run.name=NEW_NAME")
         check_writable(run_dir)
+        if old != config:  # only keys that do not change what is trained: take the new values
+            write_text_atomic(existing, dump_yaml(config))
         resuming = True
     else:
         check_writable(run_dir)

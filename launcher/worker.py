@@ -7,6 +7,7 @@ worker trains exactly what the launcher validated and saved.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,4 +29,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception as err:  # noqa: BLE001 - already in the rank's log, with its traceback
+        # Under torch's elastic agent, @record has handed the error to `launch`, which prints
+        # the root cause once; a traceback per rank on the terminal would bury it.
+        if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+            print(f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '?'))}] error: {type(err).__name__}: {err} "
+                  f"(traceback in {Path(sys.argv[1]) / 'logs'})", file=sys.stderr)
+        sys.exit(1)

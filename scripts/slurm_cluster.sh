@@ -3,33 +3,47 @@
 #
 #   scripts/slurm_cluster.sh start  [RUNDIR]   install if needed, start, wait until both nodes are idle
 #   scripts/slurm_cluster.sh stop   [RUNDIR]   cancel all jobs, stop exactly the daemons `start` started
-#   scripts/slurm_cluster.sh status [RUNDIR]   sinfo + squeue (exit 1 if the cluster is not up)
+#   scripts/slurm_cluster.sh status [RUNDIR]   sinfo + squeue (exit 5 if the cluster is not up)
 #
 # RUNDIR defaults to $LAUNCHER_SLURM_RUNDIR or /tmp/launcher-slurm. It holds slurm.conf, the
-# daemons' logs, state and spool folders, and `pids` ("PID NAME" per line, every process started).
+# daemons' logs, state and spool folders, and `pids` ("PID COMM LABEL" per line: every process
+# that `start` started, and nothing else is ever signalled).
 #
 # stdout of `start` is only shell code, so `eval "$(scripts/slurm_cluster.sh start)"` works:
 #   export SLURM_CONF=RUNDIR/slurm.conf
-#   # launcher-slurm: started            (or "already running")
-# Everything else goes to stderr.
+#   # launcher-slurm: started            (or: already running)
+# Progress and errors go to stderr.
+#
+# Environment: LAUNCHER_SLURM_RUNDIR, LAUNCHER_SLURM_PORT (slurmctld port, default 17000; the
+# slurmds use PORT+1 and PORT+2), LAUNCHER_SLURM_CRED_EXPIRE (default 5, see below),
+# LAUNCHER_SLURM_START_TIMEOUT (default 60 s).
 #
 # Exit codes: 0 ok, 2 usage, 3 not root, 4 install failed, 5 cluster failed to start / not up.
 #
-# Needs root (Debian 12 + slurm-wlm 22.05, no systemd). See shared/SLURM_NOTES.md.
+# Needs root (Debian 12, slurm-wlm 22.05, no systemd). Background: shared/SLURM_NOTES.md.
 set -euo pipefail
+set +m # no job control: `setsid CMD &` then execs CMD in place, so $! is CMD's pid
 export PATH="$PATH:/usr/sbin:/sbin"
 
-START_TIMEOUT=${LAUNCHER_SLURM_START_TIMEOUT:-60}   # seconds, for the whole daemon start-up
-# Lifetime of job-step credentials. Slurm also holds a requeued job PENDING (reason BeginTime)
-# for cred_expire+1 seconds, so that the previous run's credentials have expired before it
-# restarts: the default 120 s makes every requeue wait ~2 minutes. 5 is Slurm's minimum; 10
-# leaves room for a step launch on a loaded 2-core CI machine (a step must reach its slurmd
-# within this time or fails with "Credential expired").
-CRED_EXPIRE=${LAUNCHER_SLURM_CRED_EXPIRE:-10}
+START_TIMEOUT=${LAUNCHER_SLURM_START_TIMEOUT:-60}
+# AuthInfo=cred_expire: lifetime of job-step credentials. Slurm also holds a requeued job
+# PENDING (reason BeginTime) for cred_expire+1 s, so that the previous run's credentials have
+# expired before it restarts: with the default 120 every requeue waits ~2 minutes. 5 is Slurm's
+# minimum and gives a ~7 s requeue round trip. The cost: a step launch must reach its slurmd
+# within 5 s of the controller creating it ("Credential expired" otherwise), which is plenty
+# on one machine; raise it if that error ever shows up on a very loaded machine.
+CRED_EXPIRE=${LAUNCHER_SLURM_CRED_EXPIRE:-5}
+# slurmctld listens on PORT, the slurmds of n1/n2 on PORT+1/PORT+2. A second cluster (another
+# RUNDIR) can run at the same time only with another PORT.
+PORT=${LAUNCHER_SLURM_PORT:-17000}
 
 log() { echo "slurm_cluster: $*" >&2; }
-die() { local code=$1; shift; log "ERROR: $*"; exit "$code"; }
-
+die() {
+    local code=$1
+    shift
+    log "ERROR: $*"
+    exit "$code"
+}
 usage() {
     sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
@@ -38,60 +52,117 @@ usage() {
 cmd=${1:-}
 [ -n "$cmd" ] || usage
 RUNDIR=${2:-${LAUNCHER_SLURM_RUNDIR:-/tmp/launcher-slurm}}
-RUNDIR=$(realpath -m -- "$RUNDIR")   # slurm.conf needs absolute paths
+RUNDIR=$(realpath -m -- "$RUNDIR") # slurm.conf needs absolute paths
 CONF=$RUNDIR/slurm.conf
 PIDS=$RUNDIR/pids
 export SLURM_CONF=$CONF
 
-# --- pid bookkeeping -----------------------------------------------------------------------
+# --- processes we started ------------------------------------------------------------------
 
-# True if PID is alive and still the program NAME (guards against pid reuse after a reboot
-# or a long time: we never signal a process that is not what we started).
+# True if PID is alive and is still the program COMM: a pid from a stale pids file that now
+# belongs to something else is never signalled. A zombie (exited, not yet reaped; PID 1 here
+# may reap late) counts as gone.
 pid_is() {
-    local pid=$1 name=$2 comm
-    [ -r "/proc/$pid/comm" ] || return 1
-    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [ "$comm" = "$name" ]
+    local pid=$1 name=$2 stat comm state
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    [ "${stat#*(}" != "$stat" ] || return 1 # "PID (COMM) STATE ..."
+    comm=${stat#*(}
+    comm=${comm%)*}
+    state=${stat##*) }
+    state=${state%% *}
+    [ "$comm" = "$name" ] && [ "$state" != Z ] && [ "$state" != X ]
 }
 
-record_pid() { echo "$1 $2" >>"$PIDS"; }
+record_pid() { echo "$1 $2 $3" >>"$PIDS"; }
 
-# True if the pids file exists and every process in it is alive.
 all_recorded_alive() {
     [ -s "$PIDS" ] || return 1
-    local pid name
-    while read -r pid name; do
+    local pid name label
+    while read -r pid name label; do
         [ -n "$pid" ] || continue
         pid_is "$pid" "$name" || return 1
     done <"$PIDS"
 }
 
-# Stop the recorded processes, newest first (slurmds, then slurmctld, then munged).
+# Stop the recorded processes, newest first (slurmds, slurmctld, munged): SIGTERM, up to 5 s,
+# then SIGKILL.
 kill_recorded() {
     [ -f "$PIDS" ] || return 0
-    local pid name lines=() i
+    local lines=() i pid name label t
     mapfile -t lines <"$PIDS"
     for ((i = ${#lines[@]} - 1; i >= 0; i--)); do
-        read -r pid name <<<"${lines[i]}"
+        read -r pid name label <<<"${lines[i]}"
         [ -n "${pid:-}" ] || continue
         pid_is "$pid" "$name" || continue
         kill -TERM "$pid" 2>/dev/null || true
-        # Bounded wait, then SIGKILL.
-        local t=0
-        while pid_is "$pid" "$name" && [ $t -lt 50 ]; do sleep 0.1; t=$((t + 1)); done
+        t=0
+        while pid_is "$pid" "$name" && [ $t -lt 50 ]; do
+            sleep 0.1
+            t=$((t + 1))
+        done
         if pid_is "$pid" "$name"; then
-            log "$name ($pid) ignored SIGTERM, sending SIGKILL"
+            log "$label (pid $pid) ignored SIGTERM for 5 s, sending SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
         fi
     done
     rm -f "$PIDS"
 }
 
+# Start a daemon in the foreground mode (-D/-F) in the background, so that $! is the daemon's
+# own pid; in its own session; stdio to a file so that no caller's pipe (pytest's
+# capture_output) is held open; and without our lock fd 9, which it would otherwise hold forever.
+spawn() {
+    local name=$1 label=$2
+    shift 2
+    setsid "$@" </dev/null >>"$RUNDIR/$label.out" 2>&1 9>&- &
+    record_pid $! "$name" "$label"
+}
+
+# The last lines of a daemon's log, less the harmless mpi/pmix noise. Its .out (stderr) holds
+# errors from before the log file was opened (bad slurm.conf, ...).
+show_log() {
+    local label=$1 f
+    for f in "$RUNDIR/$label.log" "$RUNDIR/$label.out"; do
+        [ -s "$f" ] || continue
+        echo "----- $f (last lines) -----" >&2
+        grep -v -e 'pmix' -e 'MPI: Cannot create context' "$f" | tail -n 15 >&2 || true
+        return 0
+    done
+}
+
+# Print the logs of LABELS (default: all daemons), stop what this run started, exit 5.
+fail() {
+    local msg=$1
+    shift
+    log "ERROR: $msg"
+    local labels=("$@") label
+    [ ${#labels[@]} -gt 0 ] || labels=(slurmctld slurmd-n1 slurmd-n2)
+    for label in "${labels[@]}"; do show_log "$label"; done
+    kill_recorded
+    exit 5
+}
+
+check_alive_or_fail() {
+    local pid name label
+    while read -r pid name label; do
+        pid_is "$pid" "$name" || fail "$label (pid $pid) exited during start-up" "$label"
+    done <"$PIDS"
+}
+
+ctld_up() { timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP'; }
+
+# True if sinfo shows both nodes in one of the states matching the regex $1.
+nodes_in() {
+    local out
+    out=$(timeout 5 sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
+    grep -qxE "n1 ($1)" <<<"$out" && grep -qxE "n2 ($1)" <<<"$out"
+}
+
 # --- start steps ---------------------------------------------------------------------------
 
 require_root() {
-    [ "$(id -u)" = 0 ] || die 3 "must run as root (uid is $(id -u)): it installs slurm-wlm/munge," \
-        "starts munged/slurmctld/slurmd and edits /etc/hosts"
+    [ "$(id -u)" = 0 ] || die 3 "must run as root (uid is $(id -u)): it installs slurm-wlm" \
+        "and munge, starts munged/slurmctld/slurmd and edits /etc/hosts"
 }
 
 ensure_installed() {
@@ -99,73 +170,77 @@ ensure_installed() {
         command -v munged >/dev/null && command -v sinfo >/dev/null; then
         return 0
     fi
-    log "installing slurm-wlm and munge with apt-get"
+    log "slurmctld/munged missing: installing slurm-wlm and munge with apt-get"
     local aptlog=$RUNDIR/apt.log
     export DEBIAN_FRONTEND=noninteractive
-    # Bounded: apt waits at most 120 s for the dpkg lock, and the whole step at most 10 minutes.
+    # Bounded: at most 120 s waiting for the dpkg lock, at most 10 minutes per step.
     if ! timeout 600 apt-get -o DPkg::Lock::Timeout=120 update -qq >"$aptlog" 2>&1; then
         tail -n 20 "$aptlog" >&2
         die 4 "apt-get update failed (log: $aptlog)"
     fi
-    if ! timeout 600 apt-get -o DPkg::Lock::Timeout=120 install -y -qq --no-install-recommends \
-        slurm-wlm munge >>"$aptlog" 2>&1; then
+    if ! timeout 600 apt-get -o DPkg::Lock::Timeout=120 install -y -qq slurm-wlm munge \
+        >>"$aptlog" 2>&1; then
         tail -n 20 "$aptlog" >&2
         die 4 "apt-get install -y slurm-wlm munge failed (log: $aptlog)"
     fi
-    command -v slurmctld >/dev/null && command -v munged >/dev/null ||
-        die 4 "slurm-wlm/munge installed but slurmctld/munged not found on PATH"
+    if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+        die 4 "slurm-wlm and munge installed, but slurmctld/munged are not on PATH"
+    fi
 }
 
 munge_works() { timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1; }
 
 ensure_munge() {
     local key=/etc/munge/munge.key
-    if [ ! -s "$key" ]; then
+    if [ ! -s "$key" ]; then # Debian's postinst makes one; a stripped image may not have it
         log "creating $key"
         install -d -o munge -g munge -m 700 /etc/munge
         dd if=/dev/urandom of="$key" bs=1024 count=1 status=none
         chown munge:munge "$key"
         chmod 400 "$key"
     fi
-    munge_works && return 0   # munged already running (ours from before, or the system's)
+    munge_works && return 0 # already running: ours from before, or the system's
     # Without systemd nobody creates munged's socket folder.
     install -d -o munge -g munge -m 755 /run/munge
-    # setpriv execs munged directly (no su/PAM parent), so $! is munged's own pid; -F keeps it
-    # in the foreground so it does not fork away from that pid.
-    setsid setpriv --reuid=munge --regid=munge --init-groups munged -F \
-        </dev/null >>"$RUNDIR/munged.out" 2>&1 9>&- &
-    record_pid $! munged
+    # setpriv execs munged as the munge user directly (su would stay as its parent).
+    spawn munged munged setpriv --reuid=munge --regid=munge --init-groups munged -F
     local t=0
     until munge_works; do
-        [ $t -lt 100 ] || { tail -n 20 "$RUNDIR/munged.out" /var/log/munge/munged.log >&2 2>/dev/null || true
-            fail "munged did not come up within 10 s"; }
+        if [ $t -ge 100 ]; then
+            tail -n 10 /var/log/munge/munged.log >&2 2>/dev/null || true
+            fail "munged did not answer within 10 s" munged
+        fi
         sleep 0.1
         t=$((t + 1))
     done
 }
 
 ensure_hosts() {
-    # Jobs see SLURM_JOB_NODELIST=n[1-2]; code deriving a master address from it must resolve n1/n2.
+    # Jobs see SLURM_JOB_NODELIST=n[1-2]; code that derives a master address from it must be
+    # able to resolve n1 and n2.
     if ! getent hosts n1 >/dev/null || ! getent hosts n2 >/dev/null; then
         log "adding '127.0.0.1 n1 n2' to /etc/hosts"
         echo "127.0.0.1 n1 n2" >>/etc/hosts
     fi
 }
 
-write_conf() {
+# slurm.conf for RUNDIR, on stdout.
+render_conf() {
     local host
     host=$(hostname -s)
-    cat >"$CONF" <<EOF
+    cat <<EOF
 # Written by scripts/slurm_cluster.sh: a two-node test cluster on one machine.
 ClusterName=launcher
-# "(127.0.0.1)" so that the host name need not resolve.
+# "(127.0.0.1)": the host name need not resolve.
 SlurmctldHost=${host}(127.0.0.1)
+SlurmctldPort=${PORT}
 AuthType=auth/munge
 CredType=cred/munge
-# See CRED_EXPIRE in the script: this also sets how long a requeued job waits (cred_expire+1 s).
+# Also how long a requeued job waits before it may start again (cred_expire+1 s); the
+# default 120 would mean ~2 minutes. See CRED_EXPIRE in scripts/slurm_cluster.sh.
 AuthInfo=cred_expire=${CRED_EXPIRE}
-# linuxproc tracks a job's processes by parent pid and can signal them all
-# (scancel -s, --signal=USR2@N, submitit's preemption/timeout handling).
+# linuxproc tracks a job's processes by parent pid and signals them all (scancel -s,
+# --signal=USR2@N, submitit's checkpoint/requeue). cgroup would need systemd/cgroupfs setup.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SwitchType=switch/none
@@ -175,23 +250,23 @@ ReturnToService=2
 SlurmUser=root
 SlurmdUser=root
 SchedulerType=sched/backfill
-# Short scheduler periods: a requeued job starts as soon as its BeginTime has passed instead of
-# waiting for the next 30 s backfill / 60 s main-loop pass. Negligible cost with a few jobs.
+# Scheduler passes every 1-2 s instead of 30/60 s: a requeued job starts as soon as its
+# BeginTime has passed. Negligible cost with a handful of jobs.
 SchedulerParameters=bf_interval=1,sched_interval=2
-# Cores are the consumable: jobs share a node core by core; memory is not tracked, so jobs
-# without --mem run (and --mem up to RealMemory is accepted).
+# Cores are the consumable resource: jobs share a node core by core. Memory is not a
+# consumable, so jobs without --mem run (and any --mem up to RealMemory is accepted).
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-# Both slurmds see the machine's real CPUs; the slurm.conf values below are taken as they are
-# (a smaller CI machine does not drain the nodes as INVALID).
+# Use the node sizes below as written, whatever the machine has: both slurmds run on the same
+# cores, and a machine with fewer CPUs than declared does not get its nodes set INVALID.
 SlurmdParameters=config_overrides
-# Jobs ignoring SIGTERM are killed after 10 s (default 30) so cancel/stop stay quick.
+# Processes ignoring SIGTERM get SIGKILL after 10 s instead of 30: cancel and stop stay quick.
 KillWait=10
 InactiveLimit=0
-# Finished jobs stay visible in squeue -t all / scontrol show job for 5 minutes (the default).
+# Finished jobs stay visible (squeue -t all, scontrol show job) for 5 minutes.
 MinJobAge=300
-# No slurmdbd: sacct fails (submitit says "Bypassing sacct error"), but every job's end state
-# is written to JobCompLoc, and "sacct -c" reads it.
+# No slurmdbd: plain sacct fails (submitit: "Bypassing sacct error", state UNKNOWN), but every
+# finished job's state is appended to JobCompLoc, and "sacct -c" reads it.
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
@@ -202,124 +277,103 @@ SlurmdSpoolDir=${RUNDIR}/slurmd-%n
 StateSaveLocation=${RUNDIR}/state
 SlurmctldLogFile=${RUNDIR}/slurmctld.log
 SlurmdLogFile=${RUNDIR}/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-NodeName=n[1-2] NodeHostname=${host} NodeAddr=127.0.0.1 Port=17001-17002 CPUs=2 Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=4000 State=UNKNOWN
+NodeName=n[1-2] NodeHostname=${host} NodeAddr=127.0.0.1 Port=$((PORT + 1))-$((PORT + 2)) CPUs=2 Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-# Print the relevant logs, stop whatever this run started, and exit 5.
-fail() {
-    log "ERROR: $*"
-    local f
-    for f in "$RUNDIR"/slurmctld.log "$RUNDIR"/slurmctld.out "$RUNDIR"/slurmd-n1.log \
-        "$RUNDIR"/slurmd-n2.log "$RUNDIR"/slurmd-n*.out; do
-        [ -s "$f" ] || continue
-        echo "----- tail of $f -----" >&2
-        tail -n 15 "$f" >&2
-    done
-    kill_recorded
-    exit 5
+print_env() {
+    echo "export SLURM_CONF=$CONF"
+    echo "# launcher-slurm: $1"
 }
 
-# Start DAEMON ARGS... in the background, in its own session, in the foreground mode (-D) so
-# that $! is the daemon's pid; stdio to a file so that no caller's pipe is held open, and
-# without our lock fd 9 (else the daemons would hold the RUNDIR lock forever).
-spawn() {
-    local name=$1 out=$2
-    shift 2
-    setsid "$@" </dev/null >>"$out" 2>&1 9>&- &
-    record_pid $! "$name"
+# One start/stop at a time per RUNDIR (e.g. two test sessions starting together). Opened
+# read-only, so that a non-root user can still find a running cluster.
+take_lock() {
+    [ -e "$RUNDIR/lock" ] || : >"$RUNDIR/lock"
+    exec 9<"$RUNDIR/lock"
+    flock -w 120 9 || die 5 "another slurm_cluster.sh has held $RUNDIR/lock for 120 s"
 }
 
-check_alive_or_fail() {
-    local pid name
-    while read -r pid name; do
-        pid_is "$pid" "$name" || fail "$name (pid $pid) exited during start-up"
-    done <"$PIDS"
-}
-
-nodes_idle() {
-    # "idle" exactly: not idle* (not responding), idle~ (powered down) or drain/down.
-    local out
-    out=$(timeout 5 sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
-    grep -qx 'n1 idle' <<<"$out" && grep -qx 'n2 idle' <<<"$out"
+running_as_configured() {
+    all_recorded_alive && [ -f "$CONF" ] && cmp -s "$CONF" <(render_conf) &&
+        nodes_in 'idle|mix|alloc|comp'
 }
 
 do_start() {
+    # Anyone may use a running cluster; only root can start one.
+    if [ -e "$RUNDIR/lock" ] && running_as_configured; then
+        log "already running (RUNDIR=$RUNDIR)"
+        print_env "already running"
+        return 0
+    fi
     require_root
     mkdir -p "$RUNDIR"
-    # Serialise concurrent starts/stops (e.g. two test sessions) on the same RUNDIR.
-    exec 9>"$RUNDIR/lock"
-    flock -w 120 9 || die 5 "another slurm_cluster.sh holds $RUNDIR/lock"
-
-    if all_recorded_alive && nodes_idle_or_busy; then
+    take_lock
+    if running_as_configured; then # another start finished while we waited for the lock
         log "already running (RUNDIR=$RUNDIR)"
-        echo "export SLURM_CONF=$CONF"
-        echo "# launcher-slurm: already running"
+        print_env "already running"
         return 0
     fi
 
     ensure_installed
     local t0=$SECONDS
-    # Stale RUNDIR: stop any survivor of an earlier run that we recorded, start from clean state.
-    kill_recorded
-    rm -rf "$RUNDIR/state" "$RUNDIR"/slurmd-n[12] "$RUNDIR"/*.log "$RUNDIR"/*.out "$RUNDIR"/*.pid
+    # Whatever is left of an earlier run in RUNDIR (a crashed daemon, another slurm.conf):
+    # stop the processes it recorded and start from clean state.
+    if [ -s "$PIDS" ]; then
+        log "restarting: cluster in $RUNDIR is not (fully) up or its slurm.conf changed"
+        kill_recorded
+    fi
+    # (pytest-owned: tests/slurm_fixtures.py sets it when a test session started the cluster.)
+    rm -rf "$RUNDIR/state" "$RUNDIR"/slurmd-n[12] "$RUNDIR"/*.log "$RUNDIR"/*.out \
+        "$RUNDIR"/*.pid "$RUNDIR/pytest-owned"
     mkdir -p "$RUNDIR/state" "$RUNDIR/slurmd-n1" "$RUNDIR/slurmd-n2"
     : >"$PIDS"
 
     ensure_munge
     ensure_hosts
-    write_conf
+    render_conf >"$CONF"
 
-    # -c: no job/node state from any earlier run. -i: ignore state-file errors.
-    spawn slurmctld "$RUNDIR/slurmctld.out" slurmctld -D -c -i -f "$CONF"
+    # -c: no job or node state from an earlier run; -i: ignore missing state files.
+    spawn slurmctld slurmctld slurmctld -D -c -i -f "$CONF"
     local deadline=$((t0 + START_TIMEOUT))
-    until timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP'; do
+    until ctld_up; do
         check_alive_or_fail
-        [ $SECONDS -lt $deadline ] || fail "slurmctld did not answer within ${START_TIMEOUT} s"
+        [ $SECONDS -lt $deadline ] || fail "slurmctld did not answer within ${START_TIMEOUT} s" slurmctld
         sleep 0.2
     done
-    spawn slurmd "$RUNDIR/slurmd-n1.out" slurmd -D -N n1 -f "$CONF"
-    spawn slurmd "$RUNDIR/slurmd-n2.out" slurmd -D -N n2 -f "$CONF"
-    until nodes_idle; do
+    spawn slurmd slurmd-n1 slurmd -D -N n1 -f "$CONF"
+    spawn slurmd slurmd-n2 slurmd -D -N n2 -f "$CONF"
+    until nodes_in idle; do # exactly idle: not idle* (no answer), drain, down, inval
         check_alive_or_fail
-        [ $SECONDS -lt $deadline ] || {
+        if [ $SECONDS -ge $deadline ]; then
             timeout 5 sinfo -N -l >&2 || true
-            fail "nodes n1, n2 not idle within ${START_TIMEOUT} s"
-        }
+            fail "nodes n1 and n2 not both idle within ${START_TIMEOUT} s"
+        fi
         sleep 0.2
     done
-    log "up in $((SECONDS - t0)) s: 2 nodes (n1, n2) x 2 CPUs; RUNDIR=$RUNDIR"
-    echo "export SLURM_CONF=$CONF"
-    echo "# launcher-slurm: started"
-}
-
-# For "already running": the controller answers and both nodes are in a usable state.
-nodes_idle_or_busy() {
-    local out
-    out=$(timeout 5 sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
-    grep -qxE 'n1 (idle|mix|alloc|comp)' <<<"$out" && grep -qxE 'n2 (idle|mix|alloc|comp)' <<<"$out"
+    log "up in $((SECONDS - t0)) s: nodes n1, n2 with 2 CPUs each; RUNDIR=$RUNDIR"
+    print_env started
 }
 
 do_stop() {
-    [ -d "$RUNDIR" ] || { log "nothing to stop ($RUNDIR does not exist)"; return 0; }
-    exec 9>"$RUNDIR/lock"
-    flock -w 120 9 || die 5 "another slurm_cluster.sh holds $RUNDIR/lock"
-    if [ ! -s "$PIDS" ]; then
-        log "nothing to stop (no $PIDS)"
+    [ -d "$RUNDIR" ] || {
+        log "nothing to stop: no $RUNDIR"
         return 0
-    fi
-    if [ -f "$CONF" ] && timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP'; then
-        local jobs
+    }
+    take_lock
+    [ -s "$PIDS" ] || {
+        log "nothing to stop: no $PIDS"
+        return 0
+    }
+    if [ -f "$CONF" ] && ctld_up; then
+        local jobs t=0
         jobs=$(timeout 10 squeue -h -o '%A' 2>/dev/null | tr '\n' ' ') || true
         if [ -n "${jobs// /}" ]; then
             log "cancelling jobs: $jobs"
             # shellcheck disable=SC2086
             timeout 10 scancel $jobs 2>/dev/null || true
-            # Let slurmd end the jobs' processes before slurmd itself goes (bounded: KillWait+5 s).
-            local t=0
+            # Let the slurmds end the jobs' processes before they go themselves (KillWait + 5 s).
             while [ $t -lt 75 ] && [ -n "$(timeout 5 squeue -h -o '%A' 2>/dev/null)" ]; do
                 sleep 0.2
                 t=$((t + 1))
@@ -331,12 +385,15 @@ do_stop() {
 }
 
 do_status() {
-    if [ ! -f "$CONF" ] || ! timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP'; then
+    if [ ! -f "$CONF" ] || ! ctld_up; then
         log "not running (RUNDIR=$RUNDIR)"
         exit 5
     fi
     echo "SLURM_CONF=$CONF"
-    [ -f "$PIDS" ] && { echo "pids:"; sed 's/^/  /' "$PIDS"; }
+    if [ -f "$PIDS" ]; then
+        echo "processes started by slurm_cluster.sh (pid comm label):"
+        sed 's/^/  /' "$PIDS"
+    fi
     timeout 10 sinfo -N -l
     timeout 10 squeue
 }
@@ -345,6 +402,5 @@ case "$cmd" in
 start) do_start ;;
 stop) do_stop ;;
 status) do_status ;;
--h | --help | help) usage ;;
 *) usage ;;
 esac
