@@ -8,12 +8,17 @@ generators of every rank, the best metric, and the config with its hash.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ddp import rng
 from ddp.checkpoint import CheckpointError, strip_module_prefix
+from ddp.env import DistEnv
 from ddp.model import unwrap
 
 if TYPE_CHECKING:
@@ -90,3 +95,66 @@ def _check_model_shapes(current: dict, saved: dict) -> None:
         raise ResumeError("the checkpoint's model does not match this config's model (" + " | ".join(details) +
                           "). Resume with the config the run was started with (launch resume RUN_DIR), "
                           "or start a new run.name")
+
+
+# -- restarts -------------------------------------------------------------------
+
+NO_REPORT = ("no error report: killed by a signal (kill -9, the out-of-memory killer, a node going away) "
+             "or crashed in native code")
+
+
+def previous_attempt_failures(error_file: str | None, restart_count: int) -> list[dict]:
+    """What the workers of the attempt before this one left behind, as ``{"local_rank", "error"}``.
+
+    Torch's elastic agent gives each worker an error file,
+    ``.../attempt_N/LOCAL_RANK/error.json``, where ``@record`` (or the watchdog)
+    writes an exception's message. The previous attempt's directory is this one's
+    sibling. A worker with no file there died without raising: a signal or a crash.
+    """
+    if not error_file or restart_count < 1:
+        return []
+    previous = Path(error_file).parent.parent.with_name(f"attempt_{restart_count - 1}")
+    if not previous.is_dir():
+        return []
+    failures = []
+    for rank_dir in sorted((d for d in previous.iterdir() if d.name.isdigit()), key=lambda d: int(d.name)):
+        error = None
+        try:
+            message = json.loads((rank_dir / "error.json").read_text()).get("message")
+            error = message.get("message") if isinstance(message, dict) else str(message)
+        except (OSError, ValueError, AttributeError):
+            pass
+        failures.append({"local_rank": int(rank_dir.name), "error": error})
+    return failures
+
+
+def describe_cause(env: DistEnv, failures: list[dict]) -> str:
+    if env.source == "slurm":
+        return "requeued by SLURM (preemption, node failure or a time limit)"
+    if not failures:
+        return "unknown (the previous attempt left no error files)"
+    # Ranks that left no report first: the others mostly failed because a peer vanished.
+    ordered = sorted(failures, key=lambda item: item["error"] is not None)
+    return "; ".join(f"local rank {item['local_rank']}: {(item['error'] or NO_REPORT).splitlines()[0]}"
+                     for item in ordered)
+
+
+def record_restart(run_dir: Path, env: DistEnv, resumed_from: Path | None, state: TrainState) -> dict:
+    """Rank 0 of a restarted attempt: one line in ``RUN_DIR/restarts.jsonl`` and one in the log."""
+    failures = previous_attempt_failures(os.environ.get("TORCHELASTIC_ERROR_FILE"), env.restart_count)
+    record = {
+        "time": round(time.time(), 3),
+        "restart": env.restart_count,
+        "launched_by": env.source,
+        "cause": describe_cause(env, failures),
+        "failures": failures,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "step": state.step,
+        "epoch": state.epoch,
+    }
+    with open(run_dir / "restarts.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    log.warning("restart %d of the workers (cause: %s); %s", env.restart_count, record["cause"],
+                f"resuming from {resumed_from.name} at step {state.step}" if resumed_from
+                else "no checkpoint yet: starting from the beginning")
+    return record

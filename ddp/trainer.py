@@ -29,8 +29,8 @@ from ddp.model import ddp_module, unwrap, wrap
 from ddp.optim import build_optimizer, build_schedule
 from ddp.precision import autocast, grad_scaler
 from ddp.reporting import MetricsSink, Progress, setup_logging, write_environment
-from ddp.resume import TrainState, capture_state, restore_state
-from ddp.signals import StopRequest
+from ddp.resume import TrainState, capture_state, record_restart, restore_state
+from ddp.signals import StopRequest, StopVote
 from ddp.transfer import count_samples, to_device
 from ddp.watchdog import Watchdog, collective_timeout
 from jobs.registry import make_job
@@ -51,8 +51,13 @@ class Outcome:
     checkpoint: Path | None
 
 
-def run_training(config: Config, run_dir: Path, env: DistEnv, *, num_workers: int | None = None) -> Outcome:
-    """Train the config's job in this process, as one of ``env.world_size`` workers."""
+def run_training(config: Config, run_dir: Path, env: DistEnv, *, num_workers: int | None = None,
+                 stop: StopRequest | None = None) -> Outcome:
+    """Train the config's job in this process, as one of ``env.world_size`` workers.
+
+    ``stop``: a caller that must see stop signals from before training starts (a SLURM task)
+    passes its own, already installed; installing and uninstalling it stays the caller's.
+    """
     run_dir = Path(run_dir)
     log_file = setup_logging(run_dir, env)
     with _failure_logged(log_file):
@@ -60,7 +65,8 @@ def run_training(config: Config, run_dir: Path, env: DistEnv, *, num_workers: in
         if config.run.deterministic:
             rng.use_deterministic_algorithms()
         timeout_s = collective_timeout(config.ddp.timeout_s, config.watchdog.timeout_s)
-        with distributed.process_group(env, device, config.ddp.backend, timeout_s), StopRequest() as stop:
+        with distributed.process_group(env, device, config.ddp.backend, timeout_s), \
+                (nullcontext(stop) if stop is not None else StopRequest()) as stop:
             return Trainer(config, run_dir, env, device, stop, num_workers).fit()
 
 
@@ -130,8 +136,10 @@ class Trainer:
         self.writer = ckpt.CheckpointWriter(run_dir / "checkpoints", config.checkpoint.keep_last,
                                             config.checkpoint.async_save) if env.is_main else None
         self.sink = MetricsSink(run_dir, enabled=env.is_main)
+        self.stop_vote = StopVote(stop)
         self.last_checkpoint: Path | None = None
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # on_nonfinite=skip
+        self.scaler_skips = torch.zeros((), device=device)  # fp16: steps the gradient scaler skipped
         self.watchdog = Watchdog(run_dir, env, config.watchdog.timeout_s)
 
     # -- checkpoints ---------------------------------------------------------
@@ -193,6 +201,8 @@ class Trainer:
     def fit(self) -> Outcome:
         train = self.config.train
         self.resume_if_possible()
+        if self.env.is_main and self.env.restart_count > 0:
+            record_restart(self.run_dir, self.env, self.last_checkpoint, self.state)
         if self._done():
             log.info("run already finished (step %d, epoch %d); nothing to do", self.state.step, self.state.epoch)
             return Outcome("already_finished", self.state.step, self.state.epoch, {}, self.last_checkpoint)
@@ -217,6 +227,7 @@ class Trainer:
                     log.warning("stopped by %s at step %d; checkpoint %s", self.stop.signal_name or "request",
                                 self.state.step, self.last_checkpoint)
                     return Outcome("stopped", self.state.step, self.state.epoch, metrics, self.last_checkpoint)
+            self.stop_vote.close()
             self._finish_writes()
             return Outcome("finished", self.state.step, self.state.epoch, metrics, self.last_checkpoint)
         finally:
@@ -255,6 +266,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         loss_count = 0
         bad_steps = torch.zeros((), device=self.device)
+        first_bad = torch.full((), -1.0, device=self.device)  # the window's first step with a non-finite loss
         window_start, window_samples, epoch_start = time.perf_counter(), 0, time.perf_counter()
         every = config.checkpoint.every_steps
         stop_requested = completed = False
@@ -271,9 +283,11 @@ class Trainer:
                 beat(state.step, "backward")
                 self.scaler.scale(loss / train.accumulate).backward()
             loss = loss.detach()
-            loss_sum += loss
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss, 0.0)  # a skipped NaN must not make the logged loss NaN
             loss_count += 1
-            bad_steps += ~torch.isfinite(loss)
+            bad_steps += ~finite
+            first_bad = torch.where(~finite & (first_bad < 0), float(state.step + 1), first_bad)
             state.consumed = min(self.train_size, state.consumed + samples * env.world_size)
             window_samples += samples * env.world_size
             if not boundary:
@@ -282,18 +296,21 @@ class Trainer:
             self._optimizer_step(loss)
             state.step += 1
             progress.update(1)
-            # A checkpoint step is also a log step, so a non-finite loss is caught before it is saved.
+            # Every rank learns of a stop signal at the same step (see StopVote).
+            stop_requested = self.stop_vote.agreed()
+            # A checkpoint step (or a stop) is also a log step, so a non-finite loss is caught before it is saved.
             log_now = (state.step % train.log_every == 0 or micro + 1 == micro_batches
-                       or bool(every and state.step % every == 0))
+                       or bool(every and state.step % every == 0) or stop_requested)
             if log_now:
                 beat(state.step, "log")
-                stop_requested = self._log_window(loss_sum, loss_count, bad_steps, window_samples,
-                                                  time.perf_counter() - window_start)
+                self._log_window(loss_sum, loss_count, bad_steps, window_samples, time.perf_counter() - window_start,
+                                 first_bad)
                 loss_sum.zero_()
                 bad_steps.zero_()
+                first_bad.fill_(-1)
                 loss_count, window_samples, window_start = 0, 0, time.perf_counter()
-                if stop_requested:
-                    break
+            if stop_requested and micro + 1 < micro_batches:
+                break  # on the epoch's last batch, the epoch ends as usual (evaluated, saved), then the stop
             if self._done():
                 break
             if every and state.step % every == 0 and micro + 1 < micro_batches:
@@ -315,14 +332,20 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             log.warning("step %d: non-finite gradients, step skipped on every rank (%d so far)",
-                        self.state.step, self.skipped_steps)
+                        self.state.step + 1, self.skipped_steps)
             self.scheduler.step()
             return
         if train.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.clip_grad_norm)
+        if self.scaler.is_enabled():
+            # The scaler skips a step whose gradients overflowed and lowers its scale: counted on
+            # the device by comparing scales (get_scale() would wait for the GPU at every step).
+            scale_before = self.scaler._scale.clone()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.scaler.is_enabled():
+            self.scaler_skips += self.scaler._scale < scale_before
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
@@ -338,28 +361,38 @@ class Trainer:
             return True
         return bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()).item())
 
-    def _log_window(self, loss_sum, loss_count, bad_steps, samples, seconds) -> bool:
-        """Reduce the window's figures over ranks, log them on rank 0; True if any rank must stop."""
+    def _log_window(self, loss_sum, loss_count, bad_steps, samples, seconds, first_bad=None) -> None:
+        """Reduce the window's figures over ranks, log them on rank 0."""
+        first_bad = first_bad if first_bad is not None else torch.full((), -1.0, device=self.device)
         local = torch.stack([loss_sum.double(), torch.tensor(float(loss_count), device=self.device, dtype=torch.float64),
-                             bad_steps.double(),
-                             torch.tensor(1.0 if self.stop.requested else 0.0, device=self.device, dtype=torch.float64)])
+                             bad_steps.double(), first_bad.double()])
         gathered = torch.stack(distributed.all_gather_object(local.cpu())) if self.env.distributed else local.cpu()[None]
         totals = gathered.sum(0).tolist()
         if totals[2] > 0 and self.config.train.on_nonfinite == "error" and not self.scaler.is_enabled():
-            ranks = [r for r, row in enumerate(gathered.tolist()) if row[2] > 0]
-            raise NonFiniteLossError(
-                f"the loss became NaN or infinite on rank(s) {ranks} within the {int(totals[1] / len(gathered))} "
-                f"micro-batches before step {self.state.step}; the last good checkpoint is "
-                f"{self.last_checkpoint or 'none'}. Lower optim.lr, set train.clip_grad_norm, or "
-                "train.on_nonfinite=skip")
+            raise NonFiniteLossError(self._nonfinite_message(gathered.tolist()))
         if self.env.is_main:
-            loss = totals[0] / max(1.0, totals[1])
+            loss = totals[0] / (totals[1] - totals[2]) if totals[1] > totals[2] else float("nan")
             lr = self.optimizer.param_groups[0]["lr"]
             scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": samples / max(seconds, 1e-9)}
+            if self.config.train.on_nonfinite == "skip" or self.scaler.is_enabled():
+                scalars["train/skipped_steps"] = self.skipped_steps + int(self.scaler_skips.item())
             self.sink.write(self.state.step, scalars, epoch=self.state.epoch)
             log.info("epoch %d step %d loss %.4f lr %.4g %.0f samples/s", self.state.epoch, self.state.step,
                      loss, lr, scalars["train/samples_per_s"])
-        return totals[3] > 0
+
+    def _nonfinite_message(self, rows: list[list[float]]) -> str:
+        """Which step first, on which rank(s), and where to resume from."""
+        bad = [(int(row[3]), rank) for rank, row in enumerate(rows) if row[2] > 0]
+        step = min(first for first, _ in bad)
+        ranks = [rank for first, rank in bad if first == step]
+        others = sorted({rank for _, rank in bad} - set(ranks))
+        later = f" (later also on rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})" if others else ""
+        checkpoint = (f"the last good checkpoint is {self.last_checkpoint}; continue from it with `launch resume "
+                      f"{self.run_dir}` and a change" if self.last_checkpoint else
+                      "no checkpoint was written before it; start again with a change")
+        return (f"the loss became NaN or infinite at step {step} on rank{'s' if len(ranks) > 1 else ''} "
+                f"{', '.join(map(str, ranks))}{later}; {checkpoint}: a lower optim.lr, train.clip_grad_norm, "
+                "or train.on_nonfinite=skip to drop such steps")
 
     def _evaluate(self) -> dict:
         metrics = evaluate(self.model, self._beating(self.val_loader, "evaluate"), self.job.evaluation_step,

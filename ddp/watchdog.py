@@ -178,6 +178,7 @@ class Watchdog:
             return self
         self.beat(self._beat.step, "starting")
         self._stack_file = open(self.log_file, "a")
+        self._arm_backstop(0.0)
         self._write_heartbeat()
         self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
         self._thread.start()
@@ -203,16 +204,19 @@ class Watchdog:
         while not self._stop.wait(self.interval_s):
             beat = self._beat
             silent_for = time.time() - beat.at
-            # The backstop, re-armed while this thread runs: if it stops running (the GIL held
-            # forever), a C thread still dumps the stacks and ends the process a little later.
-            faulthandler.dump_traceback_later(max(1.0, self.timeout_s - silent_for + 3 * self.interval_s + 10),
-                                              exit=True, file=self._stack_file)
+            self._arm_backstop(silent_for)
             self._write_heartbeat()
             if silent_for > self.timeout_s:
                 self._fire(verdict(self._read_heartbeats(), self.env.world_size, self.timeout_s))
             fired = self._fired_elsewhere()
             if fired is not None:
                 self._fire(fired)
+
+    def _arm_backstop(self, silent_for: float) -> None:
+        """Re-armed while this thread runs: if it stops running (the GIL held forever), a C
+        thread still dumps the stacks and ends the process (exit code 1) a little later."""
+        faulthandler.dump_traceback_later(max(1.0, self.timeout_s - silent_for + 2 * self.interval_s + 5),
+                                          exit=True, file=self._stack_file)
 
     def _record(self, **extra) -> dict:
         beat = self._beat

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def command_local(args: argparse.Namespace, config: Config | None = None) -> int
     import torch
 
     from launcher import rundir
-    from launcher.local import plan_local, run_local
+    from launcher.local import plan_local, run_local, usable_cores
     from launcher.preflight import check_job
 
     if config is None:
@@ -77,7 +78,8 @@ def command_local(args: argparse.Namespace, config: Config | None = None) -> int
     plan = plan_local(gpus=args.gpus, cpu=args.cpu, nproc=args.nproc, nnodes=args.nnodes,
                       node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
                       max_restarts=args.max_restarts, run_dir=run_dir,
-                      visible_gpus=torch.cuda.device_count())
+                      visible_gpus=torch.cuda.device_count(), cpu_count=usable_cores(),
+                      env_threads=os.environ.get("OMP_NUM_THREADS"))
     if plan.device == "cpu" and config.train.device == "cuda":
         raise LaunchError("train.device=cuda but the launch runs on the CPU; drop --cpu or set train.device=auto")
     if args.dry_run:

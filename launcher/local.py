@@ -4,13 +4,22 @@
 ``LocalPlan`` (which the dry run prints). ``run_local`` carries a plan out with
 ``elastic_launch`` and, when workers fail, reports the first failure as the
 root cause: rank, exit code, the worker's own traceback, and its log.
+
+A stop signal to ``launch`` (SIGTERM, or SIGUSR2 as SLURM sends before a time
+limit) is forwarded once to the workers, which save a checkpoint at their next
+step and exit; ``launch`` then exits with ``EXIT_RESUMABLE`` (75), and running
+the same command again resumes. Torch's agent waits for the workers for
+``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (default 30) before killing them.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import socket
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +37,10 @@ class LocalPlan:
     backend: str  # "nccl" or "gloo"
     max_restarts: int
     run_dir: Path
+    # OMP_NUM_THREADS of each worker: the node's cores shared out, so workers do not fight over
+    # them (two 2-thread workers on 2 cores run ~5x slower than two 1-thread ones). None: the
+    # user's own OMP_NUM_THREADS stands, or torch's default when the core count is unknown.
+    threads_per_worker: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -55,15 +68,32 @@ class LocalPlan:
             f"device         {self.device}, backend {self.backend}",
             f"rendezvous     {self.rdzv_endpoint} (c10d)",
             f"max restarts   {self.max_restarts}",
+            f"threads        {self.threads_per_worker} per worker (OMP_NUM_THREADS)" if self.threads_per_worker
+            else "threads        per worker as OMP_NUM_THREADS says (or torch's default)",
             f"run directory  {self.run_dir}",
-            f"torchrun       {shlex.join(self.torchrun_command())}",
+            f"torchrun       {shlex.join(self.worker_environment_prefix() + self.torchrun_command())}",
         ]
         return "\n".join(lines)
+
+    def worker_environment(self) -> dict[str, str]:
+        """Variables the workers get on top of the launcher's environment."""
+        return {} if self.threads_per_worker is None else {"OMP_NUM_THREADS": str(self.threads_per_worker)}
+
+    def worker_environment_prefix(self) -> list[str]:
+        return [f"{key}={value}" for key, value in self.worker_environment().items()]
 
     def record(self) -> dict:
         data = asdict(self)
         data["run_dir"] = str(self.run_dir)
         return {"mode": "local", **data}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, as taskset and SLURM's cgroups set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        return os.cpu_count() or 1
 
 
 def free_port() -> int:
@@ -74,8 +104,13 @@ def free_port() -> int:
 
 def plan_local(*, gpus: int | None, cpu: bool, nproc: int | None, nnodes: int, node_rank: int,
                rdzv_endpoint: str | None, max_restarts: int, run_dir: Path, visible_gpus: int,
-               port: int | None = None) -> LocalPlan:
-    """Check the request against the machine and decide how to launch. Starts nothing."""
+               port: int | None = None, cpu_count: int | None = None,
+               env_threads: str | None = None) -> LocalPlan:
+    """Check the request against the machine and decide how to launch. Starts nothing.
+
+    ``cpu_count`` is the cores this process may use; ``env_threads`` the user's
+    ``OMP_NUM_THREADS``, which wins over the share computed from ``cpu_count``.
+    """
     if cpu and gpus is not None:
         raise LaunchError("--cpu and --gpus exclude each other: pick one")
     if cpu or gpus is None and visible_gpus == 0:
@@ -119,6 +154,7 @@ def plan_local(*, gpus: int | None, cpu: bool, nproc: int | None, nnodes: int, n
         backend="nccl" if device == "cuda" else "gloo",
         max_restarts=max_restarts,
         run_dir=run_dir,
+        threads_per_worker=None if env_threads is not None or not cpu_count else max(1, cpu_count // workers),
     )
 
 
@@ -139,12 +175,91 @@ def run_local(plan: LocalPlan) -> int:
         monitor_interval=0.1,
         start_method="spawn",
     )
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
-        elastic_launch(config, sys.executable)(*plan.worker_args())
+        with stop_signals_forwarded(), environment_set(plan.worker_environment()):
+            elastic_launch(config, sys.executable)(*plan.worker_args())
     except ChildFailedError as failure:
         print(describe_failure(failure, plan.run_dir), file=sys.stderr)
         return first_exit_code(failure)
+    except SignalException as stop:
+        return report_stop(signal.Signals(stop.sigval), plan.run_dir)
     return 0
+
+
+@contextmanager
+def environment_set(variables: dict[str, str]):
+    """``variables`` in ``os.environ`` while the agent starts workers (which inherit it), then as before."""
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+EXIT_RESUMABLE = 75  # as the workers' (ddp.signals), without importing torch here
+FORWARDED = (signal.SIGTERM, signal.SIGUSR2)
+
+
+@contextmanager
+def stop_signals_forwarded():
+    """SIGTERM and SIGUSR2 to ``launch`` reach the workers once, and ``launch`` waits for them.
+
+    Torch's agent turns SIGTERM into a ``SignalException``, forwards the signal to
+    the workers and waits for them to exit. But a second SIGTERM interrupts that
+    wait, leaving workers that are still writing a checkpoint behind a launcher
+    that has gone (a new ``launch`` could then race them), and SIGUSR2 it does
+    not handle at all: the default action would kill ``launch`` on the spot.
+    Here the first of either signal goes the agent's way; repeats are ignored.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    received: list[signal.Signals] = []
+
+    def handle(signum, frame):
+        if received:
+            print(f"launch: already stopping on {received[0].name}; waiting for the workers to save",
+                  file=sys.stderr)
+            return
+        received.append(signal.Signals(signum))
+        raise SignalException(f"launch received {received[0].name}", sigval=received[0])
+
+    # The agent installs its own handlers for this list whenever it starts workers; keep ours out of it.
+    variable = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+    saved_variable = os.environ.get(variable)
+    os.environ[variable] = "SIGINT,SIGHUP,SIGQUIT"
+    saved = {signum: signal.signal(signum, handle) for signum in FORWARDED}
+    try:
+        yield received
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        if saved_variable is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved_variable
+
+
+def report_stop(signum: signal.Signals, run_dir: Path) -> int:
+    """After the workers were stopped by a signal: where the run stands, and how to go on."""
+    from ddp.checkpoint import list_step_checkpoints
+
+    # Only the completion markers, no checksums: a scheduler's kill may be seconds away.
+    saved = [found for found in list_step_checkpoints(run_dir / "checkpoints")
+             if found.path.with_name(found.path.name + ".done").exists()]
+    where = f"latest checkpoint {saved[-1].path.name} (step {saved[-1].step})" if saved else "no checkpoint yet"
+    if signum in FORWARDED:
+        print(f"stopped by {signum.name}: {where}. Continue with `launch resume {run_dir}` "
+              "(or the same launch command)", file=sys.stderr)
+        return EXIT_RESUMABLE
+    print(f"interrupted by {signum.name}: {where}. Continue with `launch resume {run_dir}`", file=sys.stderr)
+    return 128 + int(signum)
 
 
 def first_exit_code(failure) -> int:

@@ -58,9 +58,10 @@ def known_errors() -> tuple[type, ...]:
     from jobs.datasets import DatasetError
     from jobs.models import ModelError
     from jobs.registry import JobError
+    from launcher.slurm import SlurmError
 
     return (CheckpointError, DeviceError, NonFiniteLossError, JobError, DatasetError, ModelError, RankMismatchError,
-            ConfigError)
+            ConfigError, SlurmError)
 
 
 def known_error(err: BaseException) -> bool:

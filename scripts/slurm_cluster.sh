@@ -112,10 +112,16 @@ kill_recorded() {
 # own pid; in its own session; stdio to a file so that no caller's pipe (pytest's
 # capture_output) is held open; and without our lock fd 9, which it would otherwise hold forever.
 spawn() {
-    local name=$1 label=$2
+    local name=$1 label=$2 pid t=0
     shift 2
     setsid "$@" </dev/null >>"$RUNDIR/$label.out" 2>&1 9>&- &
-    record_pid $! "$name" "$label"
+    pid=$!
+    record_pid "$pid" "$name" "$label"
+    # Until the exec chain (setsid, setpriv) reaches the daemon, its comm is not yet NAME.
+    while ! pid_is "$pid" "$name" && [ -e "/proc/$pid" ] && [ $t -lt 50 ]; do
+        sleep 0.1
+        t=$((t + 1))
+    done
 }
 
 # The last lines of a daemon's log, less the harmless mpi/pmix noise. Its .out (stderr) holds
@@ -148,6 +154,8 @@ check_alive_or_fail() {
         pid_is "$pid" "$name" || fail "$label (pid $pid) exited during start-up" "$label"
     done <"$PIDS"
 }
+
+ctld_pid() { awk '$2 == "slurmctld" { print $1 }' "$PIDS"; }
 
 ctld_up() { timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
@@ -295,24 +303,35 @@ take_lock() {
     flock -w 120 9 || die 5 "another slurm_cluster.sh has held $RUNDIR/lock for 120 s"
 }
 
-running_as_configured() {
-    all_recorded_alive && [ -f "$CONF" ] && cmp -s "$CONF" <(render_conf) &&
-        nodes_in 'idle|mix|alloc|comp'
+# Our daemons are alive and both nodes usable. A slurm.conf that differs from what this
+# script would write now (script edited, other LAUNCHER_SLURM_* values) only gets a warning:
+# restarting would kill the jobs of whoever uses the cluster. `stop` then `start` applies it.
+running() {
+    all_recorded_alive && [ -f "$CONF" ] && nodes_in 'idle|mix|alloc|comp'
 }
+
+report_running() {
+    if ! cmp -s "$CONF" <(render_conf); then
+        log "WARNING: $CONF differs from what this script writes now;" \
+            "run 'scripts/slurm_cluster.sh stop $RUNDIR' and start again to apply it"
+    fi
+    log "already running (RUNDIR=$RUNDIR)"
+    print_env "already running"
+}
+
+port_in_use() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 
 do_start() {
     # Anyone may use a running cluster; only root can start one.
-    if [ -e "$RUNDIR/lock" ] && running_as_configured; then
-        log "already running (RUNDIR=$RUNDIR)"
-        print_env "already running"
+    if [ -e "$RUNDIR/lock" ] && running; then
+        report_running
         return 0
     fi
     require_root
     mkdir -p "$RUNDIR"
     take_lock
-    if running_as_configured; then # another start finished while we waited for the lock
-        log "already running (RUNDIR=$RUNDIR)"
-        print_env "already running"
+    if running; then # another start finished while we waited for the lock
+        report_running
         return 0
     fi
 
@@ -321,9 +340,18 @@ do_start() {
     # Whatever is left of an earlier run in RUNDIR (a crashed daemon, another slurm.conf):
     # stop the processes it recorded and start from clean state.
     if [ -s "$PIDS" ]; then
-        log "restarting: cluster in $RUNDIR is not (fully) up or its slurm.conf changed"
+        log "restarting: the cluster in $RUNDIR is not (fully) up"
         kill_recorded
     fi
+    # Another cluster (other RUNDIR, same PORT) would answer our scontrol/sinfo and look
+    # like ours: refuse instead.
+    local p
+    for p in "$PORT" $((PORT + 1)) $((PORT + 2)); do
+        if port_in_use "$p"; then
+            die 5 "port $p on 127.0.0.1 is in use (another SLURM cluster?): stop it, or set" \
+                "LAUNCHER_SLURM_PORT to a free base port (this cluster uses PORT..PORT+2)"
+        fi
+    done
     # (pytest-owned: tests/slurm_fixtures.py sets it when a test session started the cluster.)
     rm -rf "$RUNDIR/state" "$RUNDIR"/slurmd-n[12] "$RUNDIR"/*.log "$RUNDIR"/*.out \
         "$RUNDIR"/*.pid "$RUNDIR/pytest-owned"
@@ -337,7 +365,7 @@ do_start() {
     # -c: no job or node state from an earlier run; -i: ignore missing state files.
     spawn slurmctld slurmctld slurmctld -D -c -i -f "$CONF"
     local deadline=$((t0 + START_TIMEOUT))
-    until ctld_up; do
+    until ctld_up && [ "$(cat "$RUNDIR/slurmctld.pid" 2>/dev/null)" = "$(ctld_pid)" ]; do
         check_alive_or_fail
         [ $SECONDS -lt $deadline ] || fail "slurmctld did not answer within ${START_TIMEOUT} s" slurmctld
         sleep 0.2
@@ -352,6 +380,7 @@ do_start() {
         fi
         sleep 0.2
     done
+    check_alive_or_fail
     log "up in $((SECONDS - t0)) s: nodes n1, n2 with 2 CPUs each; RUNDIR=$RUNDIR"
     print_env started
 }
@@ -361,11 +390,12 @@ do_stop() {
         log "nothing to stop: no $RUNDIR"
         return 0
     }
-    take_lock
     [ -s "$PIDS" ] || {
         log "nothing to stop: no $PIDS"
         return 0
     }
+    require_root
+    take_lock
     if [ -f "$CONF" ] && ctld_up; then
         local jobs t=0
         jobs=$(timeout 10 squeue -h -o '%A' 2>/dev/null | tr '\n' ' ') || true

@@ -6,10 +6,11 @@ whose "augmentation" draws noise per sample. It can also:
 
 * record, per rank, the sample ids of every micro-batch it trains on
   (``record_dir/rank_R.jsonl``), to check that each sample is seen once;
-* inject one fault, remembered by a marker file so a restarted or relaunched
-  run does not repeat it: ``kill -9`` of its own worker, a stop signal to the
-  ``launch`` process (which torch's elastic agent forwards to every worker),
-  or a ``kill -9`` of rank 0 at an exact point inside a checkpoint write;
+* inject faults at exact points of the run, each at most once (a marker file
+  remembers it across restarts and relaunches): ``kill -9`` of its own worker,
+  a stop signal to the ``launch`` process (which torch's elastic agent
+  forwards to every worker), or a ``kill -9`` of rank 0 at a given point inside
+  a checkpoint write;
 * carry ballast (a large frozen parameter) so checkpoints are big, and slow
   down each checkpoint write, to make a write observable from outside.
 
@@ -24,7 +25,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +39,10 @@ JOB_NAME = f"{JOB_FILE}:FaultJob"
 
 
 class NoisyPoints(Dataset):
-    """Fixed points of ``classes`` clusters; each item adds fresh noise from the global generator."""
+    """Points around ``classes`` fixed centres; each item adds fresh noise from the global generator."""
 
-    def __init__(self, samples: int, features: int, classes: int, seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        self.labels = torch.arange(samples) % classes
-        centres = torch.randn(classes, features, generator=generator) * 2
-        self.points = centres[self.labels] + torch.randn(samples, features, generator=generator)
+    def __init__(self, points: torch.Tensor, labels: torch.Tensor):
+        self.points, self.labels = points, labels
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -55,30 +53,38 @@ class NoisyPoints(Dataset):
         return self.points[index] + noise, self.labels[index], torch.tensor(index)
 
 
+def make_points(samples: int, features: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(samples) % classes
+    centres = torch.randn(classes, features, generator=generator) * 2
+    return centres[labels] + torch.randn(samples, features, generator=generator), labels
+
+
 class FaultJob(Job):
+    """A tiny classifier that can record what it trains on and fail on purpose, once per fault."""
+
     @dataclass(frozen=True)
     class Config:
         samples: int = 96
+        val_samples: int = 32
         features: int = 8
         classes: int = 4
         hidden: int = 16
         dropout: float = 0.2
         ballast_mb: float = 0.0  # a frozen parameter of this size: big checkpoints, no extra compute
         record_dir: Optional[str] = None  # each rank appends the sample ids it trains on
-        marker: Optional[str] = None  # the fault happens only while this file does not exist
-        fault: Literal["none", "kill", "launcher_signal", "kill_in_save"] = "none"
-        fault_rank: int = 0
-        fault_call: int = 0  # kill / launcher_signal: before this process's micro-batch number (0-based)
-        fault_signal: str = "SIGTERM"  # launcher_signal: SIGTERM or SIGUSR2
-        fault_step: int = 0  # kill_in_save: the checkpoint of this step
-        fault_phase: Literal["before_rename", "after_rename"] = "before_rename"
+        marker_dir: Optional[str] = None  # fault i happens only while marker_dir/fault_i does not exist
+        # Each fault a mapping, fired at most once:
+        #   {kind: kill, rank: R, at: K}         rank R kills itself (SIGKILL) before global micro-batch K
+        #   {kind: signal, rank: R, at: K, signal: SIGTERM|SIGUSR2}   rank R signals the `launch` process
+        #   {kind: kill_in_save, step: S, phase: before_rename|after_rename}   rank 0 dies writing step S
+        faults: tuple = ()
         save_delay_s: float = 0.0  # rank 0 sleeps this long inside every checkpoint write
 
     def __init__(self, config, env):
         super().__init__(config, env)
-        self.calls = 0
-        if env.rank == 0 and (config.fault == "kill_in_save" or config.save_delay_s > 0):
-            _instrument_checkpoint_writes(config)
+        if env.rank == 0 and (config.save_delay_s > 0 or any(f["kind"] == "kill_in_save" for f in config.faults)):
+            _instrument_checkpoint_writes(self)
 
     def build_model(self) -> nn.Module:
         c = self.config
@@ -91,16 +97,20 @@ class FaultJob(Job):
 
     def build_datasets(self):
         c = self.config
-        return NoisyPoints(c.samples, c.features, c.classes, seed=1), NoisyPoints(32, c.features, c.classes, seed=2)
+        points, labels = make_points(c.samples + c.val_samples, c.features, c.classes)
+        return (NoisyPoints(points[: c.samples], labels[: c.samples]),
+                NoisyPoints(points[c.samples:], labels[c.samples:]))
 
     def training_step(self, model: nn.Module, batch) -> torch.Tensor:
         x, y, ids = batch
-        self._maybe_fault()
-        self.calls += 1
+        # BatchNorm counts the micro-batches trained on, and a checkpoint restores the count:
+        # the position in the whole run, the same on every rank, across restarts and resumes.
+        position = int(getattr(model, "module", model)[1].num_batches_tracked)
+        self._maybe_fault(position)
         if self.config.record_dir:
             path = Path(self.config.record_dir) / f"rank_{self.env.rank}.jsonl"
             with open(path, "a") as handle:
-                handle.write(json.dumps({"ids": ids.tolist(), "world_size": self.env.world_size,
+                handle.write(json.dumps({"ids": ids.tolist(), "position": position, "world_size": self.env.world_size,
                                          "restart": self.env.restart_count, "pid": os.getpid()}) + "\n")
         return F.cross_entropy(model(x), y)
 
@@ -109,17 +119,20 @@ class FaultJob(Job):
         logits = model(x)
         return {"accuracy": ((logits.argmax(1) == y).sum(), len(y))}
 
-    def _maybe_fault(self) -> None:
-        c = self.config
-        if c.fault not in ("kill", "launcher_signal") or self.env.rank != c.fault_rank or self.calls != c.fault_call:
-            return
-        if not _claim(c.marker):
-            return
-        if c.fault == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        else:
+    def _claim(self, index: int) -> bool:
+        marker_dir = self.config.marker_dir
+        return _claim(None if marker_dir is None else str(Path(marker_dir) / f"fault_{index}"))
+
+    def _maybe_fault(self, position: int) -> None:
+        for index, fault in enumerate(self.config.faults):
+            if fault["kind"] not in ("kill", "signal") or fault["rank"] != self.env.rank or fault["at"] != position:
+                continue
+            if not self._claim(index):
+                continue
+            if fault["kind"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
             # The worker's parent is the `launch` process, which runs torch's elastic agent.
-            os.kill(os.getppid(), getattr(signal, c.fault_signal))
+            os.kill(os.getppid(), getattr(signal, fault.get("signal", "SIGTERM")))
 
 
 def _claim(marker: str | None) -> bool:
@@ -143,30 +156,30 @@ class _OsWithFaults:
     crash can leave behind, produced here by the real writing code.
     """
 
-    def __init__(self, real, config):
-        self._real, self._config = real, config
+    def __init__(self, real, job: "FaultJob"):
+        self._real, self._job = real, job
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
     def replace(self, source, target):
-        c, target_path = self._config, Path(target)
+        target_path, config = Path(target), self._job.config
         if target_path.suffix == ".pt" and target_path.name.startswith("step_"):
-            if c.save_delay_s > 0:
-                time.sleep(c.save_delay_s)
-            doomed = (c.fault == "kill_in_save" and target_path.name == f"step_{c.fault_step:08d}.pt")
-            if doomed and _claim(c.marker):
-                if c.fault_phase == "after_rename":
-                    self._real.replace(source, target)
-                self._real.kill(self._real.getpid(), signal.SIGKILL)
+            if config.save_delay_s > 0:
+                time.sleep(config.save_delay_s)
+            for index, fault in enumerate(config.faults):
+                if (fault["kind"] == "kill_in_save" and target_path.name == f"step_{fault['step']:08d}.pt"
+                        and self._job._claim(index)):
+                    if fault.get("phase", "before_rename") == "after_rename":
+                        self._real.replace(source, target)
+                    self._real.kill(self._real.getpid(), signal.SIGKILL)
         return self._real.replace(source, target)
 
 
-def _instrument_checkpoint_writes(config) -> None:
+def _instrument_checkpoint_writes(job: "FaultJob") -> None:
     import ddp.checkpoint
 
-    if not isinstance(ddp.checkpoint.os, _OsWithFaults):
-        ddp.checkpoint.os = _OsWithFaults(os, config)
+    ddp.checkpoint.os = _OsWithFaults(os, job)
 
 
 def recorded_ids(record_dir: Path) -> list[dict]:
