@@ -17,6 +17,7 @@ tensors and plain Python values, so loading one cannot run code.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -64,28 +65,81 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# What to do about the storage errors a checkpoint write meets in practice.
+_STORAGE_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EDQUOT: "the disk quota is used up: free some space or ask for more",
+    errno.EFBIG: "a file-size limit stopped it (`ulimit -f`, or the job's limits): raise the limit",
+    errno.EACCES: "the directory is not writable: fix its permissions",
+    errno.EPERM: "the directory is not writable: fix its permissions",
+    errno.EROFS: "the file system is read-only: write the run elsewhere (run.dir)",
+}
+
+
+def storage_error(path: Path, err: OSError) -> CheckpointError:
+    advice = _STORAGE_ADVICE.get(err.errno, "check the file system")
+    return CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; {advice}, then continue "
+                           "the run with `launch resume RUN_DIR`. The previous checkpoint is unchanged and no "
+                           "partial file is left")
+
+
+class _WriteErrors:
+    """A file for ``torch.save`` that keeps the OSError of a failed write.
+
+    torch.save reports a failed write as a RuntimeError about zip positions
+    ("unexpected pos 768 vs 662"); the OSError says what happened (disk full).
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def write_atomic(state: dict, path: Path) -> None:
     """Write ``state`` to ``path`` so that ``path`` is either absent, the old file, or complete."""
     tmp = path.with_name(path.name + ".tmp")
     done = path.with_name(path.name + ".done")
+    done_tmp = done.with_name(done.name + ".tmp")
+    renamed = False
     try:
         with open(tmp, "wb") as handle:
-            torch.save(state, handle)
+            recorder = _WriteErrors(handle)
+            try:
+                torch.save(state, recorder)
+            except RuntimeError:
+                if recorder.error is None:
+                    raise
+                raise recorder.error from None
             handle.flush()
             os.fsync(handle.fileno())
         size, digest = tmp.stat().st_size, _sha256(tmp)
         done.unlink(missing_ok=True)  # the old marker must not vouch for the new file
         os.replace(tmp, path)
-        done_tmp = done.with_name(done.name + ".tmp")
+        renamed = True
         done_tmp.write_text(json.dumps({"size": size, "sha256": digest}))
         os.replace(done_tmp, done)
         _fsync_dir(path.parent)
-    except OSError as err:
-        for leftover in (tmp, done.with_name(done.name + ".tmp")):
-            leftover.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; "
-                              "the previous checkpoint is unchanged (free some space or fix the "
-                              "directory's permissions, then resume)") from None
+    except BaseException as err:
+        # Nothing half-written stays: a step file without its marker would only be skipped later.
+        leftovers = [tmp, done_tmp] + ([path] if renamed and not done.exists() else [])
+        for leftover in leftovers:
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:
+                pass
+        if isinstance(err, OSError):
+            raise storage_error(path, err) from None
+        raise
 
 
 def verify(path: Path) -> str | None:
@@ -208,10 +262,17 @@ class CheckpointWriter:
 
     def _write(self, state: dict, path: Path, is_best: bool) -> None:
         write_atomic(state, path)
-        _link(path, "last.pt")
-        if is_best:
-            _link(path, "best.pt")
-        self._prune()
+        try:
+            _link(path, "last.pt")
+            if is_best:
+                _link(path, "best.pt")
+            self._prune()
+        except OSError as err:
+            for leftover in ("last.pt.tmp", "best.pt.tmp"):
+                (self.directory / leftover).unlink(missing_ok=True)
+            raise CheckpointError(f"checkpoint {path} was written, but updating last.pt/best.pt failed: "
+                                  f"{err.strerror or err}; {_STORAGE_ADVICE.get(err.errno, 'check the file system')}"
+                                  ) from None
 
     def _prune(self) -> None:
         for old in list_step_checkpoints(self.directory)[: -self.keep_last]:

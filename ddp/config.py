@@ -21,6 +21,20 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers.
+
+    Plain YAML 1.1 reads ``time: 4:00:00`` as the integer 14400, which sbatch would take
+    as 14400 minutes; here anything with a colon stays text, as YAML 1.2 has it.
+    """
+
+    def resolve(self, kind, value, implicit):
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and ":" in value and tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+            return "tag:yaml.org,2002:str"
+        return tag
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says how to fix it."""
 
@@ -186,18 +200,26 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a safe loader
     except yaml.constructor.ConstructorError as err:
         # safe_load refuses tags such as !!python/object, which could run code.
         raise ConfigError(f"{path}: refused a YAML tag that is not plain data ({err.problem}); "
                           "configs hold only plain values") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_location(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def _yaml_location(err: yaml.YAMLError) -> str:
+    """`` at line 3, column 7: expected ',' or ']'`` in one line (PyYAML's own message spans several)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -206,7 +228,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml.load(value, Loader=_Loader) if value.strip() else ""  # noqa: S506 - a safe loader
     except yaml.YAMLError:
         parsed = value  # e.g. a path with a colon: keep it as text
     return key, parsed

@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
+import pickle
 import random
 import signal
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -93,20 +95,63 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2**63 - 1)
 
 
+class _GlobalGenerator:
+    """One of the global generators dataset code draws from: how to seed it, a cheap fingerprint
+    of its state (which every draw changes) and, when the fingerprint is the whole state, how to
+    set it back."""
+
+    def __init__(self, name: str, seed: Callable[[int], object], fingerprint: Callable[[], object],
+                 restore: Callable[[object], object] | None):
+        self.name, self.seed, self.fingerprint, self.restore = name, seed, fingerprint, restore
+
+
+def _numpy_fingerprint() -> bytes:
+    bitgen = np.random.get_bit_generator()
+    if type(bitgen).__name__ == "MT19937":
+        # Its raw state (624 words and a position) through numpy's public ctypes view: 0.5 us,
+        # where np.random.get_state() copies it into a new tuple in ~30 us.
+        return ctypes.string_at(bitgen.ctypes.state_address, 624 * 4 + 4)
+    return pickle.dumps(bitgen.state)  # set_bit_generator() put another kind there: rare, slower
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+GENERATORS = (
+    # The CPU generator only: torch.manual_seed would also queue a reseed of every CUDA device
+    # with a captured stack trace (~170 us), and in the main process it would reseed the
+    # training loop's own dropout stream on the GPU.
+    _GlobalGenerator("torch", torch.default_generator.manual_seed, torch.default_generator.get_state,
+                     torch.default_generator.set_state),
+    # numpy's fingerprint misses the legacy gaussian cache, which lives outside the bit generator.
+    _GlobalGenerator("numpy", lambda seed: np.random.seed(seed % 2**32), _numpy_fingerprint, None),
+    _GlobalGenerator("random", random.seed, random.getstate, random.setstate),
+)
+
+
 class PerSampleSeeded(Dataset):
     """Wraps a dataset so each ``(epoch, index)`` item is produced under its own seed.
 
-    The DataLoader fetches whole batches through ``__getitems__``, so what costs
-    (saving and restoring the training loop's generators in the main process:
-    numpy's state alone takes ~100 us) is paid once per batch, not per sample.
-    Seeding itself is ~8 us per sample: ``random.seed``, ``np.random.seed`` and
-    torch's CPU generator only (``torch.manual_seed`` would also queue a reseed
-    of every CUDA device, with a captured stack trace: ~170 us, and on a GPU it
-    would reseed the training loop's dropout stream in the main process).
+    Every item comes out exactly as if ``random``, numpy's and torch's global
+    generators had all been seeded from ``sample_seed(seed, epoch, index)``
+    just before it. Seeding all three costs ~8 us per item, as much as fetching
+    an in-memory sample, so only the generators the dataset has been seen to
+    draw from are seeded: the others are fingerprinted before and after each
+    batch, and when one of them has moved, the batch is produced again with it
+    seeded too, as is every later batch. A dataset without randomness (tensors
+    in memory) then costs well under 1 us per item, one drawing from torch only
+    (torchvision's transforms) ~2 us, and the items never depend on it.
+
+    The DataLoader fetches whole batches through ``__getitems__``, so saving and
+    restoring the training loop's generators in the main process is paid once
+    per batch too (~20 us, most of it Python's ``random.getstate``).
     """
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
+        self._drawn_from: tuple[str, ...] = ()  # learnt per process: it changes the cost, never the items
+        self._numpy_known: tuple[bytes, tuple] | None = None  # see _loop_numpy_state
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -117,29 +162,62 @@ class PerSampleSeeded(Dataset):
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
         if get_worker_info() is not None:
             # A worker's generators belong to it alone: seeding them is enough.
-            return self._produce(keys)
-        # In the main process, keep the training loop's generators untouched.
-        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+            return self._produce(keys, {gen.name: gen.fingerprint() for gen in GENERATORS
+                                        if gen.name not in self._drawn_from})
+        # In the main process, the training loop's generators must come out untouched.
+        numpy_state = self._loop_numpy_state()
+        if numpy_state[3]:
+            # The loop holds a cached numpy gaussian, which a draw would take without moving the
+            # bit generator (so unseen by the fingerprint): hide it for the batch.
+            np.random.set_state(numpy_state[:3] + (0, 0.0))
+        before = {gen.name: gen.fingerprint() for gen in GENERATORS}
         try:
-            return self._produce(keys)
+            return self._produce(keys, {name: state for name, state in before.items() if name not in self._drawn_from})
         finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            torch.set_rng_state(torch_state)
+            for gen in GENERATORS:
+                if gen.restore is not None:
+                    gen.restore(before[gen.name])
+                elif numpy_state[3] or gen.name in self._drawn_from or not _same(gen.fingerprint(), before[gen.name]):
+                    np.random.set_state(numpy_state)
 
-    def _produce(self, keys: list[tuple[int, int]]) -> list:
+    def _loop_numpy_state(self) -> tuple:
+        """np.random.get_state() (~35 us), or its copy from the last batch if nothing drew since.
+
+        A draw moves the bit generator, except one that takes a cached gaussian; a
+        state without one that has not moved is therefore still the same state.
+        """
+        fingerprint = _numpy_fingerprint()
+        if self._numpy_known is not None and self._numpy_known[0] == fingerprint:
+            return self._numpy_known[1]
+        state = np.random.get_state()
+        self._numpy_known = None if state[3] else (fingerprint, state)
+        return state
+
+    def _produce(self, keys: list[tuple[int, int]], watched: dict[str, object]) -> list:
+        items = self._seeded_items(keys)
+        moved = tuple(gen.name for gen in GENERATORS
+                      if gen.name in watched and not _same(gen.fingerprint(), watched[gen.name]))
+        if moved:  # an item drew from a generator that was not seeded for it: produce them all again
+            self._drawn_from += moved
+            items = self._seeded_items(keys)
+        return items
+
+    def _seeded_items(self, keys: list[tuple[int, int]]) -> list:
         dataset, seed = self.dataset, self.seed
+        seeders = [gen.seed for gen in GENERATORS if gen.name in self._drawn_from]
         items = []
         for epoch, index in keys:
-            _seed_all(sample_seed(seed, epoch, index))
+            if seeders:
+                item_seed = sample_seed(seed, epoch, index)
+                for seeder in seeders:
+                    seeder(item_seed)
             items.append(dataset[index])
         return items
 
 
 def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)  # the CPU generator: what dataset code draws from
+    for gen in GENERATORS:
+        gen.seed(seed)
 
 
 class WorkerSeeder:

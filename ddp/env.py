@@ -64,7 +64,9 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
         values = {name: int(environ[var]) for name, var in SLURM_VARIABLES.items() if var in environ}
         nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", "127.0.0.1")
-        job_id = environ.get("SLURM_ARRAY_JOB_ID") or environ.get("SLURM_JOB_ID", "0")
+        # SLURM_JOB_ID, not SLURM_ARRAY_JOB_ID: every element of an array has its own job id,
+        # while the array id is shared, and elements sharing a node would fight over one port.
+        job_id = environ.get("SLURM_JOB_ID", "0")
         world_size = values["world_size"]
         nnodes = values.get("nnodes", 1)
         return DistEnv(

@@ -58,14 +58,16 @@ def capture_state(trainer: "Trainer", rng_states: list[dict]) -> dict:
 
 
 def restore_state(trainer: "Trainer", saved: dict) -> TrainState:
-    path_hint = "the checkpoint"
+    advice = _advice(saved.get("config"), trainer.config.to_dict())
     if saved.get("train_size") != trainer.train_size:
-        raise ResumeError(f"{path_hint} was trained on {saved.get('train_size')} samples but this config's "
-                          f"training set has {trainer.train_size}; resuming would not be the same run. "
-                          "Use a new run.name (or checkpoint.resume=false) to start afresh")
+        raise ResumeError(f"the checkpoint was trained on {saved.get('train_size')} samples but this config's "
+                          f"training set has {trainer.train_size}; resuming would not be the same run. {advice}")
     model = unwrap(trainer.model)
     state_dict = strip_module_prefix(saved["model"])
-    _check_model_shapes(model.state_dict(), state_dict)
+    _check_model_shapes(model.state_dict(), state_dict, advice)
+    saved_optimizer = (saved.get("config") or {}).get("optim", {}).get("name", trainer.config.optim.name)
+    _check_optimizer(trainer.optimizer.state_dict(), saved["optimizer"], saved_optimizer == trainer.config.optim.name,
+                     advice)
     model.load_state_dict(state_dict)
     trainer.optimizer.load_state_dict(saved["optimizer"])
     trainer.scheduler.load_state_dict(saved["scheduler"])
@@ -79,7 +81,46 @@ def restore_state(trainer: "Trainer", saved: dict) -> TrainState:
     return TrainState(**saved["train_state"])
 
 
-def _check_model_shapes(current: dict, saved: dict) -> None:
+def _advice(saved_config: dict | None, current: dict) -> str:
+    """What to do about a checkpoint that does not fit: name the changed keys and their saved values."""
+    changed = _changed(_with_job_defaults(saved_config or {}), _with_job_defaults(current))
+    if not changed:
+        return "Use a new run.name (or checkpoint.resume=false) to start afresh"
+    undo = " ".join(f"{key}={json.dumps(old)}" for key, old, _ in changed[:4])
+    listed = ", ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, old, new in changed[:4])
+    return (f"The config changed since the checkpoint was written ({listed}): undo that with "
+            f"`launch resume RUN_DIR {undo}`, or start afresh with a new run.name")
+
+
+def _with_job_defaults(config: dict) -> dict:
+    """The ``job`` section holds only the keys a config sets; compare the job's full config instead."""
+    from dataclasses import asdict, is_dataclass
+
+    from jobs.registry import job_config
+
+    try:
+        cls, job = job_config(config.get("job", {}))
+    except Exception:  # noqa: BLE001 - a job that no longer imports: compare what was written
+        return config
+    full = asdict(job) if is_dataclass(job) else {}
+    return {**config, "job": {"name": config["job"].get("name"), **full}}
+
+
+def _changed(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, current value) for the keys that differ, except where and how it runs."""
+    from ddp.config import changes_what_is_trained
+
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict) and prefix + key != "slurm":
+            out += _changed(old, new, f"{prefix}{key}.")
+        elif old != new and changes_what_is_trained(prefix + key) and prefix + key not in ("run.name", "run.dir"):
+            out.append((prefix + key, old, new))
+    return out
+
+
+def _check_model_shapes(current: dict, saved: dict, advice: str) -> None:
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
     mismatched = [f"{name}: checkpoint {tuple(saved[name].shape)} vs model {tuple(current[name].shape)}"
@@ -93,8 +134,19 @@ def _check_model_shapes(current: dict, saved: dict) -> None:
         if unexpected:
             details.append("not in the model: " + ", ".join(unexpected[:3]))
         raise ResumeError("the checkpoint's model does not match this config's model (" + " | ".join(details) +
-                          "). Resume with the config the run was started with (launch resume RUN_DIR), "
-                          "or start a new run.name")
+                          f"). {advice}")
+
+
+def _check_optimizer(current: dict, saved: dict, same_kind: bool, advice: str) -> None:
+    """Another optimizer (or other parameter groups) would load, then fail at the first step.
+
+    Only the groups' sizes are compared, not their option names, which change between torch versions.
+    """
+    sizes = [len(group["params"]) for group in current["param_groups"]]
+    saved_sizes = [len(group["params"]) for group in saved.get("param_groups", [])]
+    if sizes != saved_sizes or not same_kind:
+        raise ResumeError("the checkpoint's optimizer state does not fit this config's optimizer (another "
+                          f"optimizer, or other parameter groups). {advice}")
 
 
 # -- restarts -------------------------------------------------------------------
@@ -135,8 +187,13 @@ def describe_cause(env: DistEnv, failures: list[dict]) -> str:
         return "unknown (the previous attempt left no error files)"
     # Ranks that left no report first: the others mostly failed because a peer vanished.
     ordered = sorted(failures, key=lambda item: item["error"] is not None)
-    return "; ".join(f"local rank {item['local_rank']}: {(item['error'] or NO_REPORT).splitlines()[0]}"
+    return "; ".join(f"local rank {item['local_rank']}: {_first_line(item['error']) if item['error'] else NO_REPORT}"
                      for item in ordered)
+
+
+def _first_line(message: str, limit: int = 160) -> str:
+    line = (message.strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def record_restart(run_dir: Path, env: DistEnv, resumed_from: Path | None, state: TrainState) -> dict:

@@ -69,11 +69,13 @@ def command_local(args: argparse.Namespace, config: Config | None = None) -> int
 
     from launcher import rundir
     from launcher.local import plan_local, run_local, usable_cores
-    from launcher.preflight import check_job
+    from launcher.preflight import check_data, check_job, check_rdzv_endpoint
 
     if config is None:
         config = load_config(args.config, args.overrides)
     check_job(config)
+    check_data(config)
+    check_rdzv_endpoint(args.rdzv_endpoint)
     run_dir = rundir.run_dir_of(config)
     plan = plan_local(gpus=args.gpus, cpu=args.cpu, nproc=args.nproc, nnodes=args.nnodes,
                       node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
@@ -100,8 +102,9 @@ def command_local(args: argparse.Namespace, config: Config | None = None) -> int
 
 def command_resume(args: argparse.Namespace) -> int:
     from launcher import rundir
+    from launcher.preflight import check_job
 
-    config = rundir.reopen(args.run_dir, args.overrides)
+    config = rundir.reopen(args.run_dir, args.overrides, validate=check_job)
     record = rundir.read_launch_record(args.run_dir)
     if record.get("mode") == "local" and args.gpus is None and not args.cpu and args.nproc is None:
         # Launch as the run was launched, unless the command line says otherwise.
@@ -116,10 +119,11 @@ def command_debug(args: argparse.Namespace) -> int:
     from ddp.env import DistEnv
     from ddp.trainer import run_training
     from launcher import rundir
-    from launcher.preflight import check_job, debug_config
+    from launcher.preflight import check_data, check_job, debug_config
 
     config = debug_config(load_config(args.config, args.overrides), steps=args.steps, device=args.device)
     check_job(config)
+    check_data(config)
     run_dir = rundir.run_dir_of(config)
     rundir.check_writable(run_dir)
     rundir.reset_debug_dir(run_dir, config)

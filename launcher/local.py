@@ -174,11 +174,12 @@ def run_local(plan: LocalPlan) -> int:
         max_restarts=plan.max_restarts,
         monitor_interval=0.1,
         start_method="spawn",
+        signals_to_handle=AGENT_SIGNALS,
     )
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     try:
-        with stop_signals_forwarded(), environment_set(plan.worker_environment()):
+        with stop_signals_forwarded(), environment_set({**plan.worker_environment(), **restart_safe_store()}):
             elastic_launch(config, sys.executable)(*plan.worker_args())
     except ChildFailedError as failure:
         print(describe_failure(failure, plan.run_dir), file=sys.stderr)
@@ -204,7 +205,8 @@ def environment_set(variables: dict[str, str]):
 
 
 EXIT_RESUMABLE = 75  # as the workers' (ddp.signals), without importing torch here
-FORWARDED = (signal.SIGTERM, signal.SIGUSR2)
+FORWARDED = (signal.SIGTERM, signal.SIGUSR2)  # handled by stop_signals_forwarded
+AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # the agent's own handlers, installed whenever it starts workers
 
 
 @contextmanager
@@ -217,6 +219,7 @@ def stop_signals_forwarded():
     that has gone (a new ``launch`` could then race them), and SIGUSR2 it does
     not handle at all: the default action would kill ``launch`` on the spot.
     Here the first of either signal goes the agent's way; repeats are ignored.
+    (The agent must not install its handler over this one: see ``AGENT_SIGNALS``.)
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
@@ -230,20 +233,25 @@ def stop_signals_forwarded():
         received.append(signal.Signals(signum))
         raise SignalException(f"launch received {received[0].name}", sigval=received[0])
 
-    # The agent installs its own handlers for this list whenever it starts workers; keep ours out of it.
-    variable = "TORCHELASTIC_SIGNALS_TO_HANDLE"
-    saved_variable = os.environ.get(variable)
-    os.environ[variable] = "SIGINT,SIGHUP,SIGQUIT"
     saved = {signum: signal.signal(signum, handle) for signum in FORWARDED}
     try:
         yield received
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
-        if saved_variable is None:
-            os.environ.pop(variable, None)
-        else:
-            os.environ[variable] = saved_variable
+
+
+def restart_safe_store() -> dict[str, str]:
+    """Restarted workers must not meet the keys their predecessors left in the rendezvous store.
+
+    Since torch 2.5 the agent shares one TCPStore with every attempt of the workers and
+    ``init_process_group`` adds no per-attempt prefix, so after a restart a worker may read
+    the previous attempt's addresses and fail (gloo: "connectFullMesh failed ... Connection
+    refused"; NCCL likewise): pytorch/pytorch#135712, #167288. With sharing off, each
+    rendezvous round gets a store of its own, as before torch 2.5. A user's setting wins.
+    """
+    variable = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+    return {variable: os.environ.get(variable, "1")}
 
 
 def report_stop(signum: signal.Signals, run_dir: Path) -> int:

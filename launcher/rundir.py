@@ -107,8 +107,11 @@ def prepare(config: Config, launch_record: dict | None = None) -> tuple[Path, bo
     return run_dir, resuming
 
 
-def reopen(run_dir: Path, overrides: list[str]) -> Config:
-    """The run's saved config with ``overrides`` applied; the change is recorded and saved."""
+def reopen(run_dir: Path, overrides: list[str], validate=None) -> Config:
+    """The run's saved config with ``overrides`` applied; the change is recorded and saved.
+
+    ``validate(config)`` runs before anything is written, so a bad override leaves the run as it was.
+    """
     config = saved_config(run_dir)
     if not overrides:
         return config
@@ -121,6 +124,8 @@ def reopen(run_dir: Path, overrides: list[str]) -> Config:
     new = build(Config, raw, prefix="")
     if run_dir_of(new).resolve() != run_dir.resolve():
         raise ConfigError("run.dir and run.name cannot be changed on resume; they name the run directory")
+    if validate is not None:
+        validate(new)
     with open(run_dir / "resumes.jsonl", "a") as handle:
         handle.write(json.dumps({"time": time.time(), "overrides": list(overrides),
                                  "changed": config_differences(config, new)}) + "\n")

@@ -18,6 +18,8 @@ happens on the time-limit warning, preemption and requeue). submitit's files
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shlex
@@ -176,9 +178,9 @@ def additional_options(raw: dict) -> dict:
         name = str(key).strip().lstrip("-").replace("_", "-")
         if not _OPTION_NAME.fullmatch(name):
             raise LaunchError(f"--sbatch {key!r}: not an sbatch option name (e.g. mail-type=END, exclusive)")
-        if name.replace("-", "_") in DEDICATED:
-            raise LaunchError(f"--sbatch {name}: use {DEDICATED[name.replace('-', '_')]} (or slurm.{name.replace('-', '_')} "
-                              "in the config) instead")
+        field_name = name.replace("-", "_")
+        if field_name in DEDICATED:
+            raise LaunchError(f"--sbatch {name}: use {DEDICATED[field_name]} (or slurm.{field_name} in the config) instead")
         if name in RESERVED:
             raise LaunchError(f"--sbatch {name}: the launcher sets this option itself (one task per worker, "
                               "its log paths, the USR2 warning and requeueing); use --nodes, --gpus-per-node or "
@@ -235,7 +237,9 @@ def submit(plan: SlurmPlan) -> str:
     executor = SlurmExecutor(folder=plan.folder, max_num_timeout=plan.max_requeues, python=shlex.quote(plan.python))
     executor.update_parameters(**plan.parameters())
     try:
-        job = executor.submit(SlurmTraining(str(plan.run_dir), plan.max_requeues))
+        # submitit also prints sbatch's complaint to stderr; it is in our message, once.
+        with contextlib.redirect_stderr(io.StringIO()):
+            job = executor.submit(SlurmTraining(str(plan.run_dir), plan.max_requeues))
     except FailedJobError as err:
         said = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         raise SlurmError(f"sbatch refused the job for {plan.run_dir}: {said or 'no message'}") from None

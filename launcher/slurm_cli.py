@@ -86,7 +86,8 @@ def command_slurm(args: argparse.Namespace) -> int:
     from launcher import rundir, sweep
     from launcher.errors import LaunchError
     from launcher.preflight import check_job
-    from launcher.slurm import describe_submission, plan_slurm, read_jobs, record_job, render_sbatch, require_commands, submit
+    from launcher.slurm import (describe_submission, plan_slurm, read_jobs, record_job, render_sbatch,
+                                require_commands, submit)
 
     runs = []
     for point in sweep.expand(args.overrides):
@@ -129,7 +130,8 @@ def command_slurm(args: argparse.Namespace) -> int:
                 print(f"submitted {index} of {len(runs)} jobs before this error; see above", file=sys.stderr)
             raise
         record_job(plan, job_id)
-        print(describe_submission(plan, job_id) + ("\n  resumes        from the run's last checkpoint" if resuming else ""))
+        resumes = "\n  resumes        from the run's last checkpoint" if resuming else ""
+        print(describe_submission(plan, job_id) + resumes)
     return 0
 
 

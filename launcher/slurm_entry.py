@@ -75,8 +75,8 @@ class SignalLatch:
             signal.raise_signal(signum)
 
 
-class RequeueLimitError(RuntimeError):
-    """The job was stopped or requeued more often than ``slurm.max_requeues`` allows."""
+class RequeueError(RuntimeError):
+    """The job stopped and will not run again by itself: requeued too often, or ``scontrol requeue`` failed."""
 
 
 def slurm_environ(environ: dict) -> dict:
@@ -126,7 +126,7 @@ class SlurmTraining(Checkpointable):
         job_id = job_id_of(os.environ)
         if env.restart_count > self.max_requeues:
             self._event(env, job_id, "refused", reason=f"requeued {env.restart_count} times")
-            raise RequeueLimitError(
+            raise RequeueError(
                 f"job {job_id} was requeued {env.restart_count} times, more than slurm.max_requeues="
                 f"{self.max_requeues}; not starting again. Resubmit with `launch slurm` to continue from "
                 f"the last checkpoint in {run_dir}")
@@ -155,9 +155,9 @@ class SlurmTraining(Checkpointable):
             # Cancelled, timed out, or already being requeued by SLURM (preemption, scontrol requeue).
             self._event(env, job_id, "stopped", state=state, **details)
             return {**summary, "state": state}
-        if self.checkpoint() is None:
+        if self.checkpoint() is None:  # submitit's protocol says "do not requeue": the limit is reached
             self._event(env, job_id, "stopped", state=state, reason="requeue limit", **details)
-            raise RequeueLimitError(
+            raise RequeueError(
                 f"stopped by {signal_name} at step {summary['step']} after {env.restart_count} requeue(s), the "
                 f"most slurm.max_requeues={self.max_requeues} allows; the checkpoint is saved. Resubmit with "
                 f"`launch slurm` (same config) to continue, or raise slurm.max_requeues or --time")
@@ -167,7 +167,7 @@ class SlurmTraining(Checkpointable):
         except (OSError, subprocess.SubprocessError) as err:
             said = getattr(err, "stderr", "") or str(err)
             self._event(env, job_id, "requeue-failed", error=said.strip(), **details)
-            raise RequeueLimitError(f"`scontrol requeue {job_id}` failed: {said.strip()}; the checkpoint is saved, "
+            raise RequeueError(f"`scontrol requeue {job_id}` failed: {said.strip()}; the checkpoint is saved, "
                                     "resubmit with `launch slurm` to continue") from None
         log.warning("requeued job %s after the checkpoint at step %d (%s)", job_id, summary["step"], signal_name)
         return {**summary, "status": "requeued"}

@@ -140,7 +140,8 @@ def status_text(run_dir: Path) -> str:
     stops = [event for event in events if event["event"] in ("requeued", "stopped", "refused", "failed")]
     if stops:
         event = stops[-1]
-        what = ", ".join(f"{key} {event[key]}" for key in ("step", "signal", "state", "reason", "error") if key in event)
+        keys = ("step", "signal", "state", "reason", "error")
+        what = ", ".join(f"{key} {event[key]}" for key in keys if key in event)
         lines.append(f"last stop      {event['event']}" + (f" ({what})" if what else ""))
     step, epoch = last_step(run_dir)
     checkpoint = last_checkpoint(run_dir)

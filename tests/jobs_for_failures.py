@@ -38,6 +38,7 @@ class FailingJob(Job):
         rank_dependent_model: bool = False  # rank r's model has r extra outputs
         fsize_limit_call: int = 0  # rank 0 limits the size of files it writes from this call on
         fsize_limit_bytes: int = 1 << 20
+        fsize_limit_after: Optional[str] = None  # ... once this file exists (an async write has finished)
         fail_in_constructor: bool = False
 
     def __init__(self, config, env):
@@ -69,6 +70,9 @@ class FailingJob(Job):
             while True:  # a hang in user code: a deadlock, a dead file system, ...
                 time.sleep(3600)
         if rank == 0 and c.fsize_limit_call and self.calls == c.fsize_limit_call:
+            deadline = time.monotonic() + 60
+            while c.fsize_limit_after and not Path(c.fsize_limit_after).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
             # The soft limit only: a file write past it fails with EFBIG (Python ignores SIGXFSZ).
             _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
             resource.setrlimit(resource.RLIMIT_FSIZE, (c.fsize_limit_bytes, hard))

@@ -76,14 +76,17 @@ class FaultJob(Job):
         marker_dir: Optional[str] = None  # fault i happens only while marker_dir/fault_i does not exist
         # Each fault a mapping, fired at most once:
         #   {kind: kill, rank: R, at: K}         rank R kills itself (SIGKILL) before global micro-batch K
-        #   {kind: signal, rank: R, at: K, signal: SIGTERM|SIGUSR2}   rank R signals the `launch` process
+        #   {kind: signal, rank: R, at: K, signal: SIGTERM|SIGUSR2, target: launcher|self}
+        #                                        rank R signals the `launch` process (default) or itself
         #   {kind: kill_in_save, step: S, phase: before_rename|after_rename}   rank 0 dies writing step S
+        #   {kind: signal_in_save, signal: SIGTERM}   once a signal fault has fired, rank 0 signals
+        #                                        `launch` and itself again while writing the next checkpoint
         faults: tuple = ()
         save_delay_s: float = 0.0  # rank 0 sleeps this long inside every checkpoint write
 
     def __init__(self, config, env):
         super().__init__(config, env)
-        if env.rank == 0 and (config.save_delay_s > 0 or any(f["kind"] == "kill_in_save" for f in config.faults)):
+        if env.rank == 0 and (config.save_delay_s > 0 or any(f["kind"].endswith("_in_save") for f in config.faults)):
             _instrument_checkpoint_writes(self)
 
     def build_model(self) -> nn.Module:
@@ -132,7 +135,15 @@ class FaultJob(Job):
             if fault["kind"] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             # The worker's parent is the `launch` process, which runs torch's elastic agent.
-            os.kill(os.getppid(), getattr(signal, fault.get("signal", "SIGTERM")))
+            target = os.getpid() if fault.get("target") == "self" else os.getppid()
+            os.kill(target, getattr(signal, fault.get("signal", "SIGTERM")))
+
+    def fired(self, kind: str) -> bool:
+        """Whether a fault of this kind has already happened (in this or an earlier process)."""
+        marker_dir = self.config.marker_dir
+        return marker_dir is not None and any(
+            fault["kind"] == kind and (Path(marker_dir) / f"fault_{index}").exists()
+            for index, fault in enumerate(self.config.faults))
 
 
 def _claim(marker: str | None) -> bool:
@@ -173,6 +184,11 @@ class _OsWithFaults:
                     if fault.get("phase", "before_rename") == "after_rename":
                         self._real.replace(source, target)
                     self._real.kill(self._real.getpid(), signal.SIGKILL)
+                if fault["kind"] == "signal_in_save" and self._job.fired("signal") and self._job._claim(index):
+                    second = getattr(signal, fault.get("signal", "SIGTERM"))
+                    self._real.kill(self._real.getppid(), second)
+                    self._real.kill(self._real.getpid(), second)
+                    time.sleep(0.5)  # let the launcher take it while this write is still unfinished
         return self._real.replace(source, target)
 
 

@@ -1,0 +1,328 @@
+"""Tier 4: `launch slurm`, `launch status` and `launch cancel` on a real two-node SLURM cluster.
+
+Three jobs run side by side on the cluster of ``scripts/slurm_cluster.sh`` while
+``launch local --cpu --nproc 2`` trains the same demo config as the reference:
+
+- A: the demo on 2 nodes x 1 CPU task, uninterrupted, in a run directory whose
+  name holds spaces, quotes, ``$(...)`` and backticks;
+- B: the same, interrupted twice mid-run: first with USR2 (what submitit's
+  ``job._interrupt()`` sends: the workers checkpoint and the job requeues
+  itself), then with ``scontrol requeue`` (SLURM's own preemption: SIGTERM,
+  and SLURM requeues it). Both resumes must be exact;
+- C: a slow job with ``--time 1``: SLURM's own time-limit warning (USR2)
+  makes it checkpoint and requeue itself, and it completes;
+- D, E: a job cancelled with ``launch cancel``, and one that fails: neither
+  is requeued.
+
+A and B must end with weights bitwise equal to the local run's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, assert_same_weights, final_weights, run_launch
+
+DEMO = REPO / "configs" / "demo.yaml"
+SLOW_JOB = f"{REPO / 'tests' / 'slurm_jobs.py'}:SlowJob"
+TWO_NODES = ["--cpu", "--nproc-per-node", "1", "--nodes", "2"]
+WAIT_S = 300  # per wait; the whole module takes ~2 minutes
+
+pytestmark = pytest.mark.timeout(900)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def job_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "slurm.json").read_text())["jobs"][-1]["job_id"]
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "slurm_events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def event(run_dir: Path, name: str, restart: int) -> dict | None:
+    return next((e for e in events(run_dir) if e["event"] == name and e["restart"] == restart), None)
+
+
+def logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    steps = [json.loads(line)["step"] for line in lines if line.strip().endswith("}")]
+    return steps[-1] if steps else -1
+
+
+def scontrol(job: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
+    value = [part.split("=", 1)[1] for part in out.split() if part.startswith(f"{field}=")]
+    return value[0] if value else ""
+
+
+def slurm(*command: str) -> None:
+    subprocess.run(list(command), check=True, capture_output=True, text=True, timeout=60)
+
+
+def wait_until(condition, what: str, run_dir: Path, timeout: float = WAIT_S):
+    """Poll until ``condition()`` is truthy; on timeout cancel the job and fail with its logs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            job = job_id(run_dir)
+            logs = "\n".join(f"----- {path}\n{path.read_text(errors='replace')[-3000:]}"
+                             for path in sorted((run_dir / "slurm").glob("*_log.err")))
+            subprocess.run(["scancel", job], capture_output=True, timeout=30)
+            pytest.fail(f"{what}: not after {timeout} s (job {job}, state {scontrol(job, 'JobState')})\n"
+                        f"events: {events(run_dir)}\n{logs}")
+        time.sleep(0.2)
+
+
+def submit(*args: str, cwd: Path) -> str:
+    result = run_launch("slurm", *args, cwd=cwd, timeout=120)
+    assert result.returncode == 0, f"launch slurm failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+# -- the drivers, one thread per job ------------------------------------------------------------
+
+
+def drive_preemption(run_dir: Path) -> dict:
+    job = job_id(run_dir)
+    wait_until(lambda: logged_step(run_dir) >= 30, "B trains", run_dir)
+    slurm("scancel", "--signal=USR2", job)  # = submitit's SlurmJob._interrupt(timeout=True)
+    first = wait_until(lambda: event(run_dir, "requeued", 0), "B requeues itself after USR2", run_dir)
+    wait_until(lambda: event(run_dir, "started", 1), "B restarts", run_dir)
+    wait_until(lambda: logged_step(run_dir) >= first["step"] + 30, "B trains after its first resume", run_dir)
+    slurm("scontrol", "requeue", job)  # SLURM's own preemption: SIGTERM, then SLURM requeues the job
+    second = wait_until(lambda: event(run_dir, "stopped", 1), "B checkpoints on SIGTERM", run_dir)
+    done = wait_until(lambda: event(run_dir, "finished", 2), "B finishes after its second resume", run_dir)
+    return {"first": first, "second": second, "done": done, "restarts": scontrol(job, "Restarts")}
+
+
+def drive_time_limit(run_dir: Path) -> dict:
+    job = job_id(run_dir)
+    first = wait_until(lambda: event(run_dir, "requeued", 0), "C is warned before its time limit", run_dir)
+    wait_until(lambda: scontrol(job, "JobState") == "PENDING", "C is pending again", run_dir)
+    # SLURM's smallest limit is a minute, and it warns up to 30 s early, so the requeued job would
+    # be warned again within seconds of starting. A real job's limit is hours; give the rest room.
+    slurm("scontrol", "update", f"JobId={job}", "TimeLimit=5")
+    done = wait_until(lambda: event(run_dir, "finished", 1), "C finishes after its requeue", run_dir)
+    return {"first": first, "done": done, "restarts": scontrol(job, "Restarts")}
+
+
+def drive_cancel(run_dir: Path, args: list[str], cwd: Path) -> dict:
+    job = job_id(run_dir)
+    wait_until(lambda: logged_step(run_dir) >= 10, "D trains", run_dir)
+    again = run_launch("slurm", *args, cwd=cwd)
+    cancelled = run_launch("cancel", str(run_dir), cwd=cwd)
+    stopped = wait_until(lambda: event(run_dir, "stopped", 0), "D checkpoints on cancel", run_dir)
+    wait_until(lambda: scontrol(job, "JobState") == "CANCELLED", "D ends cancelled", run_dir)
+    status = run_launch("status", str(run_dir), cwd=cwd)
+    return {"again": again, "cancelled": cancelled, "stopped": stopped, "status": status,
+            "restarts": scontrol(job, "Restarts")}
+
+
+def wait_for_failure(run_dir: Path, cwd: Path) -> dict:
+    job = job_id(run_dir)
+    wait_until(lambda: scontrol(job, "JobState") == "FAILED", "E fails", run_dir)
+    return {"status": run_launch("status", str(run_dir), cwd=cwd), "restarts": scontrol(job, "Restarts"),
+            "events": events(run_dir)}
+
+
+@dataclass
+class Runs:
+    base: Path
+    plain: Path  # A
+    preempted: Path  # B
+    time_limited: Path  # C
+    cancelled: Path  # D
+    failing: Path  # E
+    local: Path
+    submitted: str  # launch slurm's output for A
+    local_result: object  # futures: the reference run and the drivers
+    preemption: object
+    time_limit: object
+    cancel: object
+    failure: object
+
+
+@pytest.fixture(scope="module")
+def runs(slurm_cluster, tmp_path_factory):
+    """Submit A..E, train the local reference, and drive each job from its own thread.
+
+    The cluster has 2 CPUs per node. C holds one on n1 for about a minute, so A and B (one task
+    on each node) take turns on n1's other CPU: A first (short), then B, whose requeues then find
+    n1 free. D and E go to n2 alongside. Submission order is scheduling order.
+    """
+    base = tmp_path_factory.mktemp("slurm-e2e")
+    awkward = base / "runs with 'quotes' $(touch pwned) `touch pwned2`"
+    common = [str(DEMO), "train.progress_bar=false"]
+    slow = base / "slow.yaml"
+    slow.write_text(json.dumps({  # JSON is YAML
+        "job": {"name": SLOW_JOB, "step_sleep_s": 0.1}, "run": {"name": "slow", "dir": str(base / "runs")},
+        "data": {"batch_size": 8, "num_workers": 0}, "train": {"epochs": 13, "log_every": 5, "progress_bar": False}}))
+    cancel_args = ["--cpu", "--sbatch", "nodelist=n2", str(slow), "run.name=cancelled", "train.epochs=50"]
+    # C: 416 steps of 0.1 s, still training when SLURM warns it, 8-40 s into its 1-minute limit
+    # (the warning comes up to 30 s before the time asked for).
+    submit("--cpu", "--time", "1", "--signal-delay", "20", "--sbatch", "nodelist=n1", str(slow), cwd=base)
+    # A and B: one sweep over the run name, in the awkward directory.
+    submitted = submit(*TWO_NODES, *common, f"run.dir={awkward}", "run.name=plain,preempted", cwd=base)
+    pool = ThreadPoolExecutor(max_workers=6)
+    failing = pool.submit(submit, "--cpu", "--sbatch", "nodelist=n2", str(slow), "run.name=failing",
+                          "job.fail_at_step=5", cwd=base)
+    cancelled = pool.submit(submit, *cancel_args, cwd=base)
+    failing.result(), cancelled.result()
+    local = pool.submit(run_launch, "local", "--cpu", "--nproc", "2", *common, f"run.dir={base / 'local'}",
+                        cwd=base, timeout=WAIT_S)
+    runs_dir = base / "runs"
+    yield Runs(base=base, plain=awkward / "plain", preempted=awkward / "preempted", time_limited=runs_dir / "slow",
+               cancelled=runs_dir / "cancelled", failing=runs_dir / "failing", local=base / "local" / "demo",
+               submitted=submitted, local_result=local,
+               preemption=pool.submit(drive_preemption, awkward / "preempted"),
+               time_limit=pool.submit(drive_time_limit, runs_dir / "slow"),
+               cancel=pool.submit(drive_cancel, runs_dir / "cancelled", cancel_args, base),
+               failure=pool.submit(wait_for_failure, runs_dir / "failing", base))
+    pool.shutdown(wait=True)
+    for run_dir in (awkward / "plain", awkward / "preempted", runs_dir / "slow", runs_dir / "cancelled",
+                    runs_dir / "failing"):
+        if (run_dir / "slurm.json").is_file():
+            subprocess.run(["scancel", job_id(run_dir)], capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def local_weights(runs):
+    result = runs.local_result.result()
+    assert result.returncode == 0, result.stderr
+    return final_weights(runs.local)
+
+
+# -- what SLURM refuses, said in one message (first: they run while the jobs train) ---------------
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("option, slurm_said", [
+    (["--partition", "nosuchpartition"], "invalid partition"),
+    (["--time", "soon"], "invalid --time specification"),
+])
+def test_a_rejected_submission_says_what_sbatch_said(runs, tmp_path, option, slurm_said):
+    result = run_launch("slurm", "--cpu", *option, str(DEMO), f"run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "error: sbatch refused the job for" in result.stderr
+    assert slurm_said in result.stderr.lower() and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(120)
+def test_without_slurm_on_path_the_message_says_so(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    result = run_launch("slurm", "--cpu", str(DEMO), f"run.dir={tmp_path}", cwd=tmp_path,
+                        env={"PATH": str(empty)})
+    assert result.returncode == 1
+    assert "SLURM's sbatch, srun not found on PATH: run this on a SLURM login node" in result.stderr
+    (tmp_path / "demo").mkdir(exist_ok=True)
+    (tmp_path / "demo" / "slurm.json").write_text('{"jobs": [{"job_id": "1"}]}')
+    status = run_launch("status", str(tmp_path / "demo"), cwd=tmp_path, env={"PATH": str(empty)})
+    assert status.returncode == 1 and "SLURM's scontrol not found on PATH" in status.stderr
+
+
+# -- the claims -----------------------------------------------------------------------------------
+
+
+def resumed_at(run_dir: Path, step: int) -> bool:
+    """Rank 0's log says a run resumed from the checkpoint of ``step``."""
+    log = (run_dir / "logs" / "rank_0.log").read_text()
+    return any("resuming from" in line and f": step {step}," in line for line in log.splitlines())
+
+
+@pytest.mark.slurm
+def test_two_node_job_trains_the_demo_to_the_same_weights_as_launch_local(runs, local_weights):
+    run_dir = runs.plain
+    job = job_id(run_dir)
+    assert f"submitted job {job}: 2 task(s) on 2 node(s)" in runs.submitted
+    assert runs.submitted.count("submitted job") == 2  # the sweep over run.name: A and B
+    assert str(run_dir) in runs.submitted and f"{job}_RANK_log.out|err" in runs.submitted
+    done = wait_until(lambda: event(run_dir, "finished", 0), "A finishes", run_dir)
+    assert done["epoch"] == 8
+    assert_same_weights(final_weights(run_dir), local_weights)
+    environment = json.loads((run_dir / "env.jsonl").read_text().splitlines()[-1])
+    assert (environment["world_size"], environment["nnodes"], environment["launched_by"]) == (2, 2, "slurm")
+    for rank in (0, 1):
+        assert (run_dir / "slurm" / f"{job}_{rank}_log.err").is_file()
+        assert (run_dir / "logs" / f"rank_{rank}.log").is_file()
+    assert not list(runs.base.rglob("pwned*")), "a run directory's name was executed"
+    status = run_launch("status", str(run_dir), cwd=runs.base)
+    assert status.returncode == 0, status.stderr
+    assert f"job            {job}: COMPLETED on n[1-2]" in status.stdout
+    assert "requeues       0 (at most 3)" in status.stdout and "finished at step 184" in status.stdout
+
+
+@pytest.mark.slurm
+def test_the_submitted_script_is_the_one_the_dry_run_prints(runs):
+    job = job_id(runs.plain)
+    dry = run_launch("slurm", *TWO_NODES, "--dry-run", str(DEMO), "train.progress_bar=false",
+                     f"run.dir={runs.plain.parent}", "run.name=plain", cwd=runs.base)
+    assert dry.returncode == 0, dry.stderr
+    script = dry.stdout.split("# sbatch script (submitted through submitit)\n", 1)[1]
+    assert (runs.plain / "slurm" / f"{job}_submission.sh").read_text() == script.rstrip("\n") + "\n"
+
+
+@pytest.mark.slurm
+def test_preempted_job_resumes_exactly_and_ends_with_the_same_weights(runs, local_weights):
+    outcome = runs.preemption.result()
+    first, second = outcome["first"], outcome["second"]
+    assert first["signal"] == "SIGUSR2" and 0 < first["step"] < 184
+    assert second["signal"] == "SIGTERM" and second["state"] != "RUNNING" and first["step"] < second["step"] < 184
+    assert outcome["done"]["step"] == 184 and outcome["restarts"] == "2"
+    assert resumed_at(runs.preempted, first["step"]) and resumed_at(runs.preempted, second["step"])
+    assert_same_weights(final_weights(runs.preempted), local_weights)
+    status = run_launch("status", str(runs.preempted), cwd=runs.base)
+    assert "requeues       2 (at most 3)" in status.stdout, status.stdout
+    assert f"last stop      stopped (step {second['step']}, signal SIGTERM" in status.stdout
+
+
+@pytest.mark.slurm
+def test_time_limit_warning_checkpoints_requeues_and_completes(runs):
+    outcome = runs.time_limit.result()
+    assert outcome["first"]["signal"] == "SIGUSR2" and outcome["first"]["step"] < 416
+    assert outcome["done"]["step"] == 416 and outcome["restarts"] == "1"
+    assert "received SIGUSR2" in (runs.time_limited / "logs" / "rank_0.log").read_text()
+    assert resumed_at(runs.time_limited, outcome["first"]["step"])
+
+
+@pytest.mark.slurm
+def test_cancel_checkpoints_and_does_not_requeue_and_a_busy_run_is_not_submitted_twice(runs):
+    outcome = runs.cancel.result()
+    job = job_id(runs.cancelled)
+    again, cancelled, stopped = outcome["again"], outcome["cancelled"], outcome["stopped"]
+    assert again.returncode == 2 and f"already has job {job} (RUNNING)" in again.stderr
+    assert cancelled.returncode == 0 and f"cancelled job {job} (was RUNNING)" in cancelled.stdout, cancelled.stderr
+    assert stopped["signal"] == "SIGTERM" and stopped["state"] != "RUNNING"
+    assert (runs.cancelled / "checkpoints" / f"step_{stopped['step']:08d}.pt").is_file()
+    assert outcome["restarts"] == "0"
+    assert f"{job}: CANCELLED" in outcome["status"].stdout and "the job was cancelled" in outcome["status"].stdout
+
+
+@pytest.mark.slurm
+def test_a_failing_job_is_not_requeued_and_status_shows_the_root_cause(runs):
+    outcome = runs.failure.result()
+    job = job_id(runs.failing)
+    assert outcome["restarts"] == "0"
+    assert [e["event"] for e in outcome["events"]] == ["started", "failed"]
+    assert "RuntimeError: injected failure at step 5" in outcome["events"][-1]["error"]
+    status = outcome["status"].stdout
+    assert f"job            {job}: FAILED" in status and "a task exited with an error, exit code 1:0" in status
+    assert f"first error    {runs.failing / 'slurm' / f'{job}_0_log.err'}:" in status
+    assert "RuntimeError: injected failure at step 5" in status
