@@ -1,0 +1,14 @@
+"""Benchmarks: ours against a plain hand-written PyTorch loop doing the same work.
+
+``python -m bench`` (``make bench``) runs them all; ``python -m bench NAME``
+one of them. Each alternates ours and the baseline several times and prints
+the median ratio ours/baseline with its min and max, against the target of
+issue 5. They print; they never fail on a slow machine. See
+notes/readme-performance.md for the figures and how to run them on GPUs.
+
+* ``step_time``: steady-state step time, one CPU process (MLP, small CNN)
+* ``ddp_step_time``: the same with 2 processes on gloo, against torchrun
+* ``startup``: command to first optimizer step (``launch local``, ``launch debug``)
+* ``input_pipeline``: imagefolder throughput, per-sample seeding, the demo's data wait
+* ``memory``: peak resident memory, and its growth over 2,000 steps
+"""

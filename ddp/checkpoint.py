@@ -13,6 +13,12 @@ Layout of ``RUN_DIR/checkpoints``::
 
 Loading uses ``torch.load(weights_only=True)``: a checkpoint can only hold
 tensors and plain Python values, so loading one cannot run code.
+
+Asynchronous writing (``CheckpointWriter(async_save=True)``): the state is
+copied into host buffers kept from the previous save, the parameters and
+optimizer state while the next step's forward and backward run, and a
+background thread writes it as above. The training loop waits only for what
+it is about to change.
 """
 
 from __future__ import annotations
@@ -238,24 +244,52 @@ class CheckpointWriter:
         self.async_save = async_save
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._staged: Any = None  # the host copy of the last async save, reused by the next one
+        self._copied: threading.Event | None = None  # set once the background copy is complete
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob("*.tmp"):
             stale.unlink(missing_ok=True)  # left by a crash mid-write
 
-    def save(self, state: dict, step: int, is_best: bool = False) -> Path:
+    def save(self, state: dict, step: int, is_best: bool = False, *, deferrable: frozenset[int] = frozenset()
+             ) -> Path:
+        """Write ``state`` as the checkpoint of ``step``; with ``async_save``, in a background thread.
+
+        Asynchronously, the caller waits only for the copy of its tensors to host memory, and
+        not even for all of that: tensors whose storage (``untyped_storage().data_ptr()``) is in
+        ``deferrable``, those only the next optimizer step changes (the parameters and the
+        optimizer's state), are copied by the background thread while the next forward and
+        backward run; ``before_update()`` waits for that copy before the optimizer step.
+        """
         self.wait()  # one write at a time; also surfaces a failed background write
         path = step_path(self.directory, step)
         if not self.async_save:
             self._write(state, path, is_best)
             return path
-        host_state = _to_host(state)  # the only part the training loop waits for
-        self._thread = threading.Thread(target=self._write_in_background, args=(host_state, path, is_best),
+        # The previous write has finished (wait() above), so its host buffers can take this copy:
+        # no allocation, no page faults, just the copy.
+        partial = _stage(state, self._staged, defer=deferrable)
+        self._copied = threading.Event()
+        self._thread = threading.Thread(target=self._write_in_background, args=(partial, path, is_best),
                                         name="checkpoint-writer", daemon=False)
         self._thread.start()
         return path
 
-    def _write_in_background(self, state: dict, path: Path, is_best: bool) -> None:
+    @property
+    def writing(self) -> bool:
+        """True while a background write is under way."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def before_update(self) -> None:
+        """Block until an asynchronous save has copied what the coming optimizer step will change."""
+        if self._copied is not None:
+            self._copied.wait()
+
+    def _write_in_background(self, partial: dict, path: Path, is_best: bool) -> None:
         try:
+            try:
+                self._staged = state = _stage(partial, self._staged)
+            finally:
+                self._copied.set()  # on failure too: the error surfaces in wait()
             self._write(state, path, is_best)
         except BaseException as err:  # noqa: BLE001 - re-raised in the training thread by wait()
             self._error = err
@@ -288,12 +322,38 @@ class CheckpointWriter:
             raise error
 
 
-def _to_host(value: Any) -> Any:
-    """A deep copy with every tensor on the CPU, so training may go on changing the originals."""
+def _stage(value: Any, staged: Any, defer: frozenset[int] = frozenset()) -> Any:
+    """A deep copy of ``value`` with every tensor in host memory, so training may go on changing the originals.
+
+    Tensors are copied into ``staged`` (an earlier result) wherever shape and type match.
+    Tensors whose storage is in ``defer`` are left as they are, for a later call to copy.
+    A CUDA tensor goes to pinned memory without blocking, then one synchronisation
+    waits for all of them: the copy runs at the bus's speed, not page by page.
+    """
+    copied = _stage_into(value, staged, defer)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return copied
+
+
+def _stage_into(value: Any, staged: Any, defer: frozenset[int] = frozenset()) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        if value is staged:  # copied by an earlier pass
+            return value
+        if defer and value.untyped_storage().data_ptr() in defer:
+            return value
+        value = value.detach()
+        if (isinstance(staged, torch.Tensor) and staged.shape == value.shape and staged.dtype == value.dtype
+                and value.layout == torch.strided and staged.is_contiguous()):
+            return staged.copy_(value, non_blocking=value.is_cuda)
+        if value.is_cuda:
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            return host.copy_(value, non_blocking=True)
+        return value.to("cpu", copy=True)
     if isinstance(value, dict):
-        return {key: _to_host(item) for key, item in value.items()}
+        staged = staged if isinstance(staged, dict) else {}
+        return {key: _stage_into(item, staged.get(key), defer) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_host(item) for item in value)
+        staged = staged if isinstance(staged, (list, tuple)) and len(staged) == len(value) else [None] * len(value)
+        return type(value)(_stage_into(item, old, defer) for item, old in zip(value, staged))
     return value

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from ddp import rng
 from ddp.checkpoint import CheckpointError, strip_module_prefix
 from ddp.env import DistEnv
@@ -55,6 +57,17 @@ def capture_state(trainer: "Trainer", rng_states: list[dict]) -> dict:
         "config": trainer.config.to_dict(),
         "config_hash": trainer.config.hash(),
     }
+
+
+def changed_only_by_optimizer_step(trainer: "Trainer") -> frozenset[int]:
+    """The storages of the parameters and of the optimizer's state: nothing but the optimizer step
+    changes them (forward and backward only read them), so an asynchronous checkpoint may copy
+    them while the next step's forward and backward run. Buffers (BatchNorm's statistics) are not
+    among them: the forward pass updates those."""
+    tensors = list(unwrap(trainer.model).parameters())
+    tensors += [value for state in trainer.optimizer.state.values() for value in state.values()
+                if isinstance(value, torch.Tensor)]
+    return frozenset(t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0)
 
 
 def restore_state(trainer: "Trainer", saved: dict) -> TrainState:

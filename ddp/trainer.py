@@ -29,7 +29,7 @@ from ddp.model import ddp_module, unwrap, wrap
 from ddp.optim import build_optimizer, build_schedule
 from ddp.precision import autocast, grad_scaler
 from ddp.reporting import MetricsSink, Progress, Waited, setup_logging, write_environment
-from ddp.resume import TrainState, capture_state, record_restart, restore_state
+from ddp.resume import TrainState, capture_state, changed_only_by_optimizer_step, record_restart, restore_state
 from ddp.signals import StopRequest, StopVote
 from ddp.transfer import count_samples, to_device
 from ddp.watchdog import Watchdog, collective_timeout
@@ -76,7 +76,10 @@ def _failure_logged(log_file: Path):
     try:
         yield
     except Exception as err:
-        log.error("%s: %s", type(err).__name__, err)
+        text = f"{type(err).__name__}: {err}"
+        if "Original Traceback" in text:  # raised in a DataLoader worker: its last line is the error
+            text = text.strip().splitlines()[-1]
+        log.error("%s", text)
         with open(log_file, "a") as handle:
             traceback.print_exc(file=handle)
         raise
@@ -173,7 +176,8 @@ class Trainer:
         states = distributed.all_gather_object(rng.capture())  # every rank's generators, to rank 0
 
         def write() -> Path:
-            return self.writer.save(capture_state(self, states), self.state.step, is_best=is_best)
+            return self.writer.save(capture_state(self, states), self.state.step, is_best=is_best,
+                                    deferrable=changed_only_by_optimizer_step(self))
 
         self.last_checkpoint = self._on_main_then_agree(write)
 
@@ -325,6 +329,8 @@ class Trainer:
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         train = self.config.train
+        if self.writer is not None:
+            self.writer.before_update()  # an asynchronous checkpoint's copy of what this step changes
         if train.on_nonfinite == "skip" and not self._gradients_finite():
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1

@@ -106,6 +106,11 @@ def command_resume(args: argparse.Namespace) -> int:
 
     config = rundir.reopen(args.run_dir, args.overrides, validate=check_job)
     record = rundir.read_launch_record(args.run_dir)
+    if record.get("mode") == "slurm" and args.gpus is None and not args.cpu and args.nproc is None:
+        # Not on a login node by accident: a SLURM run continues on the cluster.
+        raise LaunchError(f"{args.run_dir} was launched with `launch slurm`; run that command again to continue "
+                          "it on the cluster (it resumes from the last checkpoint), or give --cpu/--gpus to "
+                          "resume it on this machine")
     if record.get("mode") == "local" and args.gpus is None and not args.cpu and args.nproc is None:
         # Launch as the run was launched, unless the command line says otherwise.
         if record.get("device") == "cpu":

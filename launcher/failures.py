@@ -30,6 +30,25 @@ def split_error(text: str) -> tuple[str, str]:
     return name.rsplit(".", 1)[-1], message.strip()
 
 
+# A rank that lost its peer fails too, often within the same second (torch's timestamps are
+# whole seconds): such errors are consequences, not the root cause.
+_CONSEQUENCES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
+                 "DistBackendError", "NCCL communicator was aborted", "ProcessGroupNCCL")
+
+
+def root_cause(error) -> tuple[int, object]:
+    """The first failure, preferring (within two seconds of it) one that is not a lost peer."""
+    failures = error.failures
+    earliest = min(failure.timestamp for failure in failures.values())
+
+    def lost_peer(failure) -> bool:
+        text, _ = _message_and_traceback(failure)
+        return any(marker in text for marker in _CONSEQUENCES)
+
+    close = [(rank, failure) for rank, failure in failures.items() if failure.timestamp <= earliest + 2]
+    return min(close, key=lambda item: (lost_peer(item[1]), item[1].timestamp, item[0]))
+
+
 def describe_failure(error, run_dir: Path) -> str:
     """The first failed worker as the root cause: rank, exit code, its own traceback, its log.
 
@@ -40,7 +59,7 @@ def describe_failure(error, run_dir: Path) -> str:
     from ddp.watchdog import EXIT_STALLED
     from launcher.preflight import known_error_names
 
-    rank, first = error.get_first_failure()
+    rank, first = root_cause(error)
     text, trace = _message_and_traceback(first)
     log_file = run_dir / "logs" / f"rank_{rank}.log"
     name, message = split_error(text)

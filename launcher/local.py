@@ -182,6 +182,8 @@ def run_local(plan: LocalPlan) -> int:
         with stop_signals_forwarded(), environment_set({**plan.worker_environment(), **restart_safe_store()}):
             elastic_launch(config, sys.executable)(*plan.worker_args())
     except ChildFailedError as failure:
+        if failure.failures and all(f.exitcode == EXIT_RESUMABLE for f in failure.failures.values()):
+            return report_stop(None, plan.run_dir)  # a stop signal sent to the workers themselves
         print(describe_failure(failure, plan.run_dir), file=sys.stderr)
         return first_exit_code(failure)
     except SignalException as stop:
@@ -254,16 +256,17 @@ def restart_safe_store() -> dict[str, str]:
     return {variable: os.environ.get(variable, "1")}
 
 
-def report_stop(signum: signal.Signals, run_dir: Path) -> int:
-    """After the workers were stopped by a signal: where the run stands, and how to go on."""
+def report_stop(signum: signal.Signals | None, run_dir: Path) -> int:
+    """After the workers were stopped by a signal (None: sent to them, not to ``launch``): where the run
+    stands, and how to go on."""
     from ddp.checkpoint import list_step_checkpoints
 
     # Only the completion markers, no checksums: a scheduler's kill may be seconds away.
     saved = [found for found in list_step_checkpoints(run_dir / "checkpoints")
              if found.path.with_name(found.path.name + ".done").exists()]
     where = f"latest checkpoint {saved[-1].path.name} (step {saved[-1].step})" if saved else "no checkpoint yet"
-    if signum in FORWARDED:
-        print(f"stopped by {signum.name}: {where}. Continue with `launch resume {run_dir}` "
+    if signum is None or signum in FORWARDED:
+        print(f"stopped by {signum.name if signum else 'a stop signal to the workers'}: {where}. Continue with `launch resume {run_dir}` "
               "(or the same launch command)", file=sys.stderr)
         return EXIT_RESUMABLE
     print(f"interrupted by {signum.name}: {where}. Continue with `launch resume {run_dir}`", file=sys.stderr)

@@ -7,6 +7,7 @@ worker trains exactly what the launcher validated and saved.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,12 +30,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    code, failure = 1, None
     try:
-        sys.exit(main())
+        code = main()
     except Exception as err:  # noqa: BLE001 - already in the rank's log, with its traceback
-        # Under torch's elastic agent, @record has handed the error to `launch`, which prints
-        # the root cause once; a traceback per rank on the terminal would bury it.
-        if "TORCHELASTIC_ERROR_FILE" not in os.environ:
-            print(f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '?'))}] error: {type(err).__name__}: {err} "
-                  f"(traceback in {Path(sys.argv[1]) / 'logs'})", file=sys.stderr)
-        sys.exit(1)
+        failure = f"{type(err).__name__}: {err}"
+    if failure is None:
+        sys.exit(code)
+    # Under torch's elastic agent, @record has handed the error to `launch`, which prints
+    # the root cause once; a traceback per rank on the terminal would bury it.
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        print(f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '?'))}] error: {failure} "
+              f"(traceback in {Path(sys.argv[1]) / 'logs'})", file=sys.stderr)
+    # Not sys.exit: at exit, multiprocessing joins the DataLoader's worker processes, which an
+    # error can leave waiting for work (they ignore SIGTERM), so the worker would never end.
+    # Loader workers notice that their parent is gone and end by themselves.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

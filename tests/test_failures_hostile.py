@@ -40,6 +40,7 @@ def markers_in(directory) -> list[str]:
 # -- checkpoints ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("fmt", ["torch.save", "plain pickle"])
 def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_does_not_run(tmp_path, fmt):
     marker = tmp_path / "MARK_pwned"

@@ -10,8 +10,10 @@ The test job (tests/jobs_for_tests.py) injects each fault itself, at an exact
 global micro-batch (BatchNorm's batch counter, which checkpoints restore), and
 only once: a marker file remembers it across restarts and relaunches.
 
-Run: 96 samples, 2 workers x 8 per batch: 6 steps per epoch, 3 epochs, 18 steps.
-Checkpoints every 4 steps and at each epoch's end: 4, 6, 8, 12, 16, 18.
+Run: 101 samples over 2 workers (51 each: the sampler pads one), 8 per batch:
+7 steps per epoch, the last one short; 3 epochs, 21 steps. Checkpoints every
+4 steps and at each epoch's end: 4, 7, 8, 12, 14, 16, 20, 21. Step N trains
+global micro-batch N - 1.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def config_file(directory: Path, name: str, *, num_workers: int = 0, async_save:
         **SECTIONS,
         "data": {**SECTIONS["data"], "num_workers": num_workers},
         "checkpoint": {**SECTIONS["checkpoint"], "async_save": async_save},
-        "job": {"name": JOB_NAME, "marker_dir": str(markers), "faults": list(faults)},
+        "job": {"name": JOB_NAME, "samples": 101, "marker_dir": str(markers), "faults": list(faults)},
         "run": {"name": name},
     }, name=f"{name}.yaml")
 
@@ -88,17 +90,17 @@ KILLS = {
     "num_workers=0": dict(
         num_workers=0,
         faults=[{"kind": "kill", "rank": 1, "at": 1},  # early: no checkpoint yet, start over
-                {"kind": "kill", "rank": 0, "at": 9},  # mid-epoch, after the mid-epoch checkpoint of step 8
+                {"kind": "kill", "rank": 0, "at": 9},  # mid-epoch 1, after its mid-epoch checkpoint of step 8
                 # inside the write of step 12: the step file is in place but has no completion marker
                 {"kind": "kill_in_save", "step": 12, "phase": "after_rename"}],
         resumed_from=[None, 8, 8],
     ),
     "num_workers=2, async checkpoints": dict(
         num_workers=2, async_save=True,
-        faults=[{"kind": "kill", "rank": 0, "at": 12},  # the first batch after epoch 1's end (checkpoint 12)
+        faults=[{"kind": "kill", "rank": 0, "at": 14},  # the first batch after epoch 1's end (checkpoint 14)
                 # inside the background write of step 16, before the rename: a .tmp is left
                 {"kind": "kill_in_save", "step": 16, "phase": "before_rename"}],
-        resumed_from=None,  # 12, or 8 when the kill beat the background write of 12: both are right
+        resumed_from=None,  # 14, or 12 when the kill beat the background write of 14: both are right
     ),
 }
 
@@ -149,15 +151,15 @@ def test_sigterm_saves_exits_75_and_a_new_launch_finishes_bitwise_equal(tmp_path
 
 def test_a_truncated_latest_checkpoint_is_skipped_with_one_warning(tmp_path, uninterrupted):
     run_dir = copy_run(uninterrupted, tmp_path, "truncated")
-    latest = ckpt.step_path(run_dir / "checkpoints", 18)
+    latest = ckpt.step_path(run_dir / "checkpoints", 21)
     os.truncate(latest, latest.stat().st_size // 2)
 
     result = run_launch("resume", str(run_dir))
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("skipping unusable checkpoint(s) step_00000018.pt: size") == 1
-    assert "resuming from step_00000016.pt instead" in result.stderr
-    assert f"resuming from {run_dir / 'checkpoints' / 'step_00000016.pt'}: step 16," in result.stderr
-    assert_same_weights(final_weights(uninterrupted), final_weights(run_dir))  # steps 17-18 done again
+    assert result.stderr.count("skipping unusable checkpoint(s) step_00000021.pt: size") == 1
+    assert "resuming from step_00000020.pt instead" in result.stderr
+    assert f"resuming from {run_dir / 'checkpoints' / 'step_00000020.pt'}: step 20," in result.stderr
+    assert_same_weights(final_weights(uninterrupted), final_weights(run_dir))  # step 21 done again
 
 
 def test_garbage_in_every_checkpoint_is_a_clear_error(tmp_path, uninterrupted):
@@ -168,8 +170,8 @@ def test_garbage_in_every_checkpoint_is_a_clear_error(tmp_path, uninterrupted):
     result = run_launch("resume", str(run_dir))
     assert_one_clear_message(result)
     assert f"error: no valid checkpoint in {run_dir / 'checkpoints'}; found " in result.stderr
-    assert "step_00000018.pt: checksum mismatch" in result.stderr
-    assert "step_00000016.pt: checksum mismatch" in result.stderr
+    assert "step_00000021.pt: checksum mismatch" in result.stderr
+    assert "step_00000020.pt: checksum mismatch" in result.stderr
 
 
 def test_a_changed_model_shape_is_a_clear_error_through_launch(tmp_path, uninterrupted):

@@ -121,16 +121,26 @@ def drive_time_limit(run_dir: Path) -> dict:
     return {"first": first, "done": done, "restarts": scontrol(job, "Restarts")}
 
 
-def drive_cancel(run_dir: Path, args: list[str], cwd: Path) -> dict:
+def drive_cancel(run_dir: Path, cwd: Path) -> dict:
     job = job_id(run_dir)
     wait_until(lambda: logged_step(run_dir) >= 10, "D trains", run_dir)
-    again = run_launch("slurm", *args, cwd=cwd)
     cancelled = run_launch("cancel", str(run_dir), cwd=cwd)
     stopped = wait_until(lambda: event(run_dir, "stopped", 0), "D checkpoints on cancel", run_dir)
     wait_until(lambda: scontrol(job, "JobState") == "CANCELLED", "D ends cancelled", run_dir)
     status = run_launch("status", str(run_dir), cwd=cwd)
-    return {"again": again, "cancelled": cancelled, "stopped": stopped, "status": status,
+    return {"cancelled": cancelled, "stopped": stopped, "status": status,
             "restarts": scontrol(job, "Restarts")}
+
+
+def after_a_then_local(plain: Path, *args: str, cwd: Path):
+    wait_until(lambda: event(plain, "finished", 0), "A finishes", plain)
+    return run_launch("local", "--cpu", "--nproc", "2", *args, cwd=cwd, timeout=WAIT_S)
+
+
+def submit_while_busy(run_dir: Path, args: list[str], cwd: Path) -> tuple[str, object]:
+    """``launch slurm`` again for a run whose job is queued or running: must be refused."""
+    wait_until(lambda: event(run_dir, "started", 0), "B starts", run_dir)
+    return job_id(run_dir), run_launch("slurm", *args, cwd=cwd)
 
 
 def wait_for_failure(run_dir: Path, cwd: Path) -> dict:
@@ -155,6 +165,7 @@ class Runs:
     time_limit: object
     cancel: object
     failure: object
+    busy: object
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +174,7 @@ def runs(slurm_cluster, tmp_path_factory):
 
     The cluster has 2 CPUs per node. C holds one on n1 for about a minute, so A and B (one task
     on each node) take turns on n1's other CPU: A first (short), then B, whose requeues then find
-    n1 free. D and E go to n2 alongside. Submission order is scheduling order.
+    n1 free. D and E go to n2 first.
     """
     base = tmp_path_factory.mktemp("slurm-e2e")
     awkward = base / "runs with 'quotes' $(touch pwned) `touch pwned2`"
@@ -172,27 +183,29 @@ def runs(slurm_cluster, tmp_path_factory):
     slow.write_text(json.dumps({  # JSON is YAML
         "job": {"name": SLOW_JOB, "step_sleep_s": 0.1}, "run": {"name": "slow", "dir": str(base / "runs")},
         "data": {"batch_size": 8, "num_workers": 0}, "train": {"epochs": 13, "log_every": 5, "progress_bar": False}}))
-    cancel_args = ["--cpu", "--sbatch", "nodelist=n2", str(slow), "run.name=cancelled", "train.epochs=50"]
     # C: 416 steps of 0.1 s, still training when SLURM warns it, 8-40 s into its 1-minute limit
     # (the warning comes up to 30 s before the time asked for).
     submit("--cpu", "--time", "1", "--signal-delay", "20", "--sbatch", "nodelist=n1", str(slow), cwd=base)
+    pool = ThreadPoolExecutor(max_workers=7)
+    # D and E: short, on n2, before A and B, so they are over by the time B needs n2.
+    short = ["--cpu", "--sbatch", "nodelist=n2", str(slow)]
+    failing = pool.submit(submit, *short, "run.name=failing", "job.fail_at_step=5", cwd=base)
+    cancelled = pool.submit(submit, *short, "run.name=cancelled", "train.epochs=50", cwd=base)
+    failing.result(), cancelled.result()
     # A and B: one sweep over the run name, in the awkward directory.
     submitted = submit(*TWO_NODES, *common, f"run.dir={awkward}", "run.name=plain,preempted", cwd=base)
-    pool = ThreadPoolExecutor(max_workers=6)
-    failing = pool.submit(submit, "--cpu", "--sbatch", "nodelist=n2", str(slow), "run.name=failing",
-                          "job.fail_at_step=5", cwd=base)
-    cancelled = pool.submit(submit, *cancel_args, cwd=base)
-    failing.result(), cancelled.result()
-    local = pool.submit(run_launch, "local", "--cpu", "--nproc", "2", *common, f"run.dir={base / 'local'}",
-                        cwd=base, timeout=WAIT_S)
+    # The reference, once A is done: B's requeues leave the CPUs idle for seconds at a time.
+    local = pool.submit(after_a_then_local, awkward / "plain", *common, f"run.dir={base / 'local'}", cwd=base)
     runs_dir = base / "runs"
     yield Runs(base=base, plain=awkward / "plain", preempted=awkward / "preempted", time_limited=runs_dir / "slow",
                cancelled=runs_dir / "cancelled", failing=runs_dir / "failing", local=base / "local" / "demo",
                submitted=submitted, local_result=local,
                preemption=pool.submit(drive_preemption, awkward / "preempted"),
                time_limit=pool.submit(drive_time_limit, runs_dir / "slow"),
-               cancel=pool.submit(drive_cancel, runs_dir / "cancelled", cancel_args, base),
-               failure=pool.submit(wait_for_failure, runs_dir / "failing", base))
+               cancel=pool.submit(drive_cancel, runs_dir / "cancelled", base),
+               failure=pool.submit(wait_for_failure, runs_dir / "failing", base),
+               busy=pool.submit(submit_while_busy, awkward / "preempted", [*TWO_NODES, *common, f"run.dir={awkward}",
+                                                                          "run.name=preempted"], base))
     pool.shutdown(wait=True)
     for run_dir in (awkward / "plain", awkward / "preempted", runs_dir / "slow", runs_dir / "cancelled",
                     runs_dir / "failing"):
@@ -303,11 +316,17 @@ def test_time_limit_warning_checkpoints_requeues_and_completes(runs):
 
 
 @pytest.mark.slurm
-def test_cancel_checkpoints_and_does_not_requeue_and_a_busy_run_is_not_submitted_twice(runs):
+def test_a_run_whose_job_is_queued_or_running_is_not_submitted_twice(runs):
+    job, again = runs.busy.result()
+    assert again.returncode == 2 and f"already has job {job} (" in again.stderr
+    assert "two jobs must not train into one run directory" in again.stderr
+
+
+@pytest.mark.slurm
+def test_cancel_checkpoints_and_does_not_requeue(runs):
     outcome = runs.cancel.result()
     job = job_id(runs.cancelled)
-    again, cancelled, stopped = outcome["again"], outcome["cancelled"], outcome["stopped"]
-    assert again.returncode == 2 and f"already has job {job} (RUNNING)" in again.stderr
+    cancelled, stopped = outcome["cancelled"], outcome["stopped"]
     assert cancelled.returncode == 0 and f"cancelled job {job} (was RUNNING)" in cancelled.stdout, cancelled.stderr
     assert stopped["signal"] == "SIGTERM" and stopped["state"] != "RUNNING"
     assert (runs.cancelled / "checkpoints" / f"step_{stopped['step']:08d}.pt").is_file()

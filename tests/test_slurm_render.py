@@ -293,3 +293,14 @@ def test_a_time_in_a_config_file_stays_the_text_sbatch_reads(tmp_path):
     plan = plan_slurm(load_config(config), nodes=1, gpus_per_node=None, cpu=True, nproc_per_node=1,
                       run_dir=Path("/r"), python=PYTHON)
     assert "#SBATCH --time=4:00:00\n" in render_sbatch(plan)
+
+
+@pytest.mark.timeout(120)
+def test_resuming_a_slurm_run_without_local_flags_points_back_to_launch_slurm(tmp_path):
+    from launcher import rundir
+
+    config = load_config(DEMO, [f"run.dir={tmp_path}"])
+    plan = plan_for(run_dir=tmp_path / "demo")
+    rundir.prepare(config, plan.record())
+    result = run_launch("resume", str(tmp_path / "demo"), cwd=tmp_path)
+    assert result.returncode == 2 and "was launched with `launch slurm`; run that command again" in result.stderr
