@@ -195,12 +195,17 @@ class Trainer:
                 result = action()
             except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
                 error = err
-        message, result = distributed.broadcast_object((None if error is None else str(error), result))
+        if error is None:
+            message = None
+        elif isinstance(error, ckpt.CheckpointError):
+            message = str(error)  # says what and where already
+        else:
+            message = f"rank 0 failed to save a checkpoint: {type(error).__name__}: {error}"
+        message, result = distributed.broadcast_object((message, result))
         if error is not None:
             raise error
         if message is not None:
-            raise ckpt.CheckpointError(message if "checkpoint" in message
-                                       else f"rank 0 failed to save a checkpoint: {message}")
+            raise ckpt.CheckpointError(message)
         return result
 
     # -- the loop --------------------------------------------------------------

@@ -5,9 +5,9 @@ loop) leaves every other rank waiting in a collective until the process
 group's timeout, 30 minutes by default, with nothing in the logs. Here:
 
 * The loop calls ``beat(step, phase)`` at a few points of every step. A beat
-  only stores a tuple; it does no I/O and no synchronisation.
+  only stores a small record; it does no I/O and no synchronisation.
 * A thread wakes every few seconds and writes this rank's position to
-  ``RUN_DIR/logs/heartbeat_rank_N`` (JSON), so every rank can see how far
+  ``RUN_DIR/logs/heartbeat_rank_N.json``, so every rank can see how far
   every other rank got.
 * When this rank has not beaten for ``watchdog.timeout_s`` seconds, or another
   rank's watchdog has already fired, the thread writes the verdict and the
@@ -208,7 +208,9 @@ class Watchdog:
             self._write_heartbeat()
             if silent_for > self.timeout_s:
                 self._fire(verdict(self._read_heartbeats(), self.env.world_size, self.timeout_s))
-            fired = self._fired_elsewhere()
+            # Only a rank that is itself blocked looks at the others' files (thousands of ranks
+            # reading each other's files every few seconds would load a shared file system).
+            fired = self._fired_elsewhere() if silent_for > 2 * self.interval_s else None
             if fired is not None:
                 self._fire(fired)
 

@@ -10,7 +10,6 @@ at run time.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -64,7 +63,8 @@ def _existing_run(tmp: Path) -> None:
 
 CASES = [
     # -- the command line ------------------------------------------------------------------------------
-    Case("nproc-zero", ["local", "--cpu", "--nproc", "0", "{good}"], 2, "the number of workers must be at least 1, got 0"),
+    Case("nproc-zero", ["local", "--cpu", "--nproc", "0", "{good}"], 2,
+         "the number of workers must be at least 1, got 0"),
     Case("nproc-negative", ["local", "--cpu", "--nproc", "-2", "{good}"], 2, "must be at least 1, got -2"),
     Case("nproc-not-a-number", ["local", "--cpu", "--nproc", "two", "{good}"], 2,
          "argument --nproc: invalid int value: 'two'"),

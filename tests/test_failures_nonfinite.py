@@ -49,7 +49,8 @@ def test_error_names_the_step_the_rank_and_the_last_good_checkpoint(tmp_path):
 
 
 def test_skip_drops_the_step_on_every_rank_together(tmp_path):
-    config = nan_config(tmp_path, "skip", train={"on_nonfinite": "skip"}, checkpoint={"every_steps": 1, "keep_last": 20})
+    config = nan_config(tmp_path, "skip", train={"on_nonfinite": "skip"},
+                        checkpoint={"every_steps": 1, "keep_last": 20})
     result = run_launch("local", "--cpu", "--nproc", "2", str(config), timeout=150)
     run_dir = tmp_path / "runs" / "skip"
     assert result.returncode == 0, result.stderr

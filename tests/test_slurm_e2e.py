@@ -34,6 +34,7 @@ DEMO = REPO / "configs" / "demo.yaml"
 SLOW_JOB = f"{REPO / 'tests' / 'slurm_jobs.py'}:SlowJob"
 TWO_NODES = ["--cpu", "--nproc-per-node", "1", "--nodes", "2"]
 WAIT_S = 300  # per wait; the whole module takes ~2 minutes
+SLOW_EPOCHS, SLOW_STEPS = 15, 15 * 32  # the slow job: 256 samples in batches of 8, 0.1 s per step
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -182,10 +183,11 @@ def runs(slurm_cluster, tmp_path_factory):
     slow = base / "slow.yaml"
     slow.write_text(json.dumps({  # JSON is YAML
         "job": {"name": SLOW_JOB, "step_sleep_s": 0.1}, "run": {"name": "slow", "dir": str(base / "runs")},
-        "data": {"batch_size": 8, "num_workers": 0}, "train": {"epochs": 13, "log_every": 5, "progress_bar": False}}))
-    # C: 416 steps of 0.1 s, still training when SLURM warns it, 8-40 s into its 1-minute limit
-    # (the warning comes up to 30 s before the time asked for).
-    submit("--cpu", "--time", "1", "--signal-delay", "20", "--sbatch", "nodelist=n1", str(slow), cwd=base)
+        "data": {"batch_size": 8, "num_workers": 0}, "train": {"epochs": SLOW_EPOCHS, "log_every": 5, "progress_bar": False}}))
+    # C: 480 steps of 0.1 s (48 s), still training when SLURM warns it 13-45 s into its 1-minute
+    # limit: it asks for 15 s, and SLURM checks every 30 s. Later than 13 s, as a task may take
+    # seconds to start on a loaded machine, and a warning before it runs is lost.
+    submit("--cpu", "--time", "1", "--signal-delay", "15", "--sbatch", "nodelist=n1", str(slow), cwd=base)
     pool = ThreadPoolExecutor(max_workers=7)
     # D and E: short, on n2, before A and B, so they are over by the time B needs n2.
     short = ["--cpu", "--sbatch", "nodelist=n2", str(slow)]
@@ -309,8 +311,8 @@ def test_preempted_job_resumes_exactly_and_ends_with_the_same_weights(runs, loca
 @pytest.mark.slurm
 def test_time_limit_warning_checkpoints_requeues_and_completes(runs):
     outcome = runs.time_limit.result()
-    assert outcome["first"]["signal"] == "SIGUSR2" and outcome["first"]["step"] < 416
-    assert outcome["done"]["step"] == 416 and outcome["restarts"] == "1"
+    assert outcome["first"]["signal"] == "SIGUSR2" and outcome["first"]["step"] < SLOW_STEPS
+    assert outcome["done"]["step"] == SLOW_STEPS and outcome["restarts"] == "1"
     assert "received SIGUSR2" in (runs.time_limited / "logs" / "rank_0.log").read_text()
     assert resumed_at(runs.time_limited, outcome["first"]["step"])
 
