@@ -11,4 +11,9 @@ notes/readme-performance.md for the figures and how to run them on GPUs.
 * ``startup``: command to first optimizer step (``launch local``, ``launch debug``)
 * ``input_pipeline``: imagefolder throughput, per-sample seeding, the demo's data wait
 * ``memory``: peak resident memory, and its growth over 2,000 steps
+* ``gpu_scaling``: samples/s and scaling efficiency from 1 to N GPUs (skipped without CUDA)
+
+``BENCH_DEVICE=cuda`` runs ``step_time``, ``ddp_step_time`` (on ``BENCH_GPUS``
+GPUs) and ``startup`` on GPUs; ``BENCH_ROUNDS=N`` sets the rounds;
+``OMP_NUM_THREADS`` (default 1) the threads of every process on both sides.
 """

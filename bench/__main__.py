@@ -18,7 +18,7 @@ import traceback
 import bench
 from bench import harness
 
-ORDER = ("step_time", "ddp_step_time", "startup", "input_pipeline", "memory", "checkpoint_stall",
+ORDER = ("step_time", "ddp_step_time", "startup", "input_pipeline", "memory", "gpu_scaling", "checkpoint_stall",
          "resume_latency")
 NOT_BENCHMARKS = {"harness", "workload", "workload_job", "raw_train"}
 

@@ -8,18 +8,23 @@ dominates; the gradient all-reduce adds ~0.2 ms a step) and the same
 measurement as benchmark 1: rank 0's fastest window of steps.
 
     python -m bench.ddp_step_time
+    BENCH_DEVICE=cuda BENCH_GPUS=8 python -m bench.ddp_step_time   # launch local --gpus 8 against torchrun, NCCL
 """
 
 from __future__ import annotations
 
-from bench.harness import rounds_from_env
+import os
+
+from bench.harness import DEVICE, rounds_from_env
 from bench.step_time import compare_step_time
 
 TARGET = 1.03
 
 
 def main() -> None:
-    compare_step_time("2. step time, 2 processes on gloo, mlp", "mlp", 200, 2200, 100, 0, 2, TARGET,
+    nproc = int(os.environ.get("BENCH_GPUS", 2))
+    backend = "NCCL" if DEVICE == "cuda" else "gloo"
+    compare_step_time(f"2. step time, {nproc} processes on {backend}, mlp", "mlp", 200, 2200, 100, 0, nproc, TARGET,
                       rounds_from_env(4))
 
 

@@ -206,6 +206,12 @@ RAW_TRAIN = ROOT / "bench" / "raw_train.py"
 # a 2-thread process is 2-5x slower whenever another process takes a core (its threads wait
 # for each other), which would drown every ratio in noise.
 THREADS = os.environ.get("OMP_NUM_THREADS", "1")
+# BENCH_DEVICE=cuda runs benchmarks 1-3 on GPUs: ``launch local --gpus N`` against torchrun on NCCL.
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")
+
+
+def ours_launch_args(nproc: int) -> list[str]:
+    return ["local", "--gpus", str(nproc)] if DEVICE == "cuda" else ["local", "--cpu", "--nproc", str(nproc)]
 
 
 class Scratch:
@@ -252,7 +258,7 @@ def workload_config(scratch: Scratch, *, kind: str, size: int, steps: int, batch
 
 def raw_args(*, kind: str, size: int, steps: int, batch_size: int, num_workers: int, probe_file: Path,
              probe_steps: list[int], lr: float = 0.05, log_every: int = 10) -> list[str]:
-    return [str(RAW_TRAIN), "--workload", kind, "--size", str(size), "--steps", str(steps),
+    return [str(RAW_TRAIN), "--device", DEVICE, "--workload", kind, "--size", str(size), "--steps", str(steps),
             "--batch-size", str(batch_size), "--num-workers", str(num_workers), "--lr", str(lr),
             "--log-every", str(log_every), "--probe-file", str(probe_file),
             "--probe-steps", ",".join(map(str, probe_steps))]
@@ -280,4 +286,5 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, OMP_NUM_THREADS={THREADS}, load average {os.getloadavg()[0]:.1f}")
+            f"torch {torch.__version__}, OMP_NUM_THREADS={THREADS}, load average {os.getloadavg()[0]:.1f}"
+            + (f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if DEVICE == "cuda" else ""))

@@ -2,8 +2,10 @@
 
     python bench/raw_train.py --workload mlp --steps 1100                            # one process
     torchrun --standalone --nproc-per-node 2 bench/raw_train.py --workload mlp ...   # DDP on gloo
+    torchrun --standalone --nproc-per-node 4 bench/raw_train.py --device cuda ...    # DDP on NCCL
 
-DDP and ``DistributedSampler`` when torchrun starts it, SGD with momentum, a
+DDP and ``DistributedSampler`` when torchrun starts it (with ``--device cuda``:
+one GPU per process, NCCL, pinned memory), SGD with momentum, a
 constant learning rate, the loss printed every ``--log-every`` steps. It
 imports nothing of the library, only the shared workload definitions.
 """
@@ -29,6 +31,7 @@ from workload import WORKLOADS, Probe, make_dataset, make_model  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=WORKLOADS, default="mlp")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--size", type=int, default=4096, help="samples in the dataset")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -46,18 +49,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if world_size > 1:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     torch.manual_seed(args.seed)
-    model = make_model(args.workload)
+    model = make_model(args.workload).to(device)
     dataset = make_dataset(args.workload, args.size)
     if world_size > 1:
-        model = DistributedDataParallel(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     workers = args.num_workers
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
-                        persistent_workers=workers > 0, prefetch_factor=args.prefetch_factor if workers else None)
+                        persistent_workers=workers > 0, prefetch_factor=args.prefetch_factor if workers else None,
+                        pin_memory=device.type == "cuda")
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     steps = [int(s) for s in args.probe_steps.split(",") if s]
     probe = Probe(args.probe_file, steps) if args.probe_file and rank == 0 else None
@@ -67,6 +75,7 @@ def main(argv=None) -> None:
     while step < args.steps:
         sampler.set_epoch(epoch)
         for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss = F.cross_entropy(model(images), labels)
             if probe:
                 probe(loss)

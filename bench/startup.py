@@ -17,6 +17,7 @@ environment record. Both import torch twice (launcher and worker) and
 scikit-learn once per worker.
 
     python -m bench.startup
+    BENCH_DEVICE=cuda python -m bench.startup   # --gpus 2 against torchrun on NCCL, launch debug --device cuda
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.harness import (ROOT, RAW_TRAIN, Scratch, compare, first_metrics_time, launch_command,
-                           rounds_from_env, run_in_terminal, torchrun_command)
+from bench.harness import (DEVICE, RAW_TRAIN, ROOT, Scratch, compare, first_metrics_time, launch_command,
+                           ours_launch_args, rounds_from_env, run_in_terminal, torchrun_command)
 
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
 def ours(scratch: Scratch, command: str) -> float:
     name = scratch.fresh(f"demo-{command}")
-    args = ["local", "--cpu", "--nproc", "2"] if command == "local" else ["debug"]
+    args = ours_launch_args(2) if command == "local" else ["debug", "--device", DEVICE]
     overrides = [f"run.dir={scratch.path / 'runs'}", f"run.name={name}", "train.max_steps=1", "train.log_every=1"]
     finished = run_in_terminal(launch_command(*args, str(DEMO), *overrides))
     run_dir = scratch.path / "runs" / (name if command == "local" else f"{name}-debug")
@@ -41,7 +42,8 @@ def ours(scratch: Scratch, command: str) -> float:
 
 def baseline(scratch: Scratch, command: str) -> float:
     marker = scratch.path / f"{scratch.fresh('first-step')}.txt"
-    args = [str(RAW_TRAIN), "--workload", "digits", "--steps", "1", "--batch-size", "32", "--lr", "0.05",
+    args = [str(RAW_TRAIN), "--device", DEVICE, "--workload", "digits", "--steps", "1", "--batch-size", "32",
+            "--lr", "0.05",
             "--first-step-file", str(marker)]
     if command == "local":
         finished = run_in_terminal(torchrun_command("--standalone", "--nproc-per-node=2", *args,

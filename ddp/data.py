@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import pickle
 import random
@@ -67,8 +68,8 @@ class ResumableDistributedSampler(Sampler):
         return remaining + (order * math.ceil(padding / len(order)))[:padding]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self._remaining()[self.rank :: self.world_size]:
-            yield (self.epoch, index)
+        # zip and repeat make the pairs in C: a generator would cost ~0.2 us per sample.
+        return zip(itertools.repeat(self.epoch), self._remaining()[self.rank :: self.world_size])
 
     def __len__(self) -> int:
         remaining = self.length - self.consumed

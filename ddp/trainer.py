@@ -283,9 +283,11 @@ class Trainer:
         stop_requested = completed = False
         beat = self.watchdog.beat
         batches = Waited(self._beating(self.train_loader, "data"))  # the time the loop is blocked on data
+        moves_batches = self.device.type != "cpu" or self.memory_format is not None  # else .to() is a no-op
         for micro, batch in enumerate(batches):
             beat(state.step, "forward")
-            batch = to_device(batch, self.device, self.memory_format)
+            if moves_batches:
+                batch = to_device(batch, self.device, self.memory_format)
             samples = count_samples(batch)
             boundary = (micro + 1) % train.accumulate == 0 or micro + 1 == micro_batches
             sync = nullcontext() if boundary or self.ddp is None else self.ddp.no_sync()
@@ -382,7 +384,11 @@ class Trainer:
         # A skipped NaN must not make the logged loss NaN: only finite losses are averaged.
         local = [sum(value for value in values if math.isfinite(value)), float(len(values)),
                  float(len(bad_steps)), float(bad_steps[0]) if bad_steps else -1.0, data_wait_s]
-        gathered = distributed.all_gather_object(local)  # [sum, count, bad, first bad step, data wait] per rank
+        # Each rank fills its own row, so one all-reduce gathers them all: [sum, count, bad, first bad
+        # step, data wait] per rank. (all_gather_object would pickle, and make two collectives.)
+        rows = torch.zeros(self.env.world_size, len(local), dtype=torch.float64)
+        rows[self.env.rank] = torch.tensor(local, dtype=torch.float64)
+        gathered = distributed.all_reduce_sum(rows.to(self.device)).tolist()
         totals = [sum(column) for column in zip(*gathered)]
         if totals[2] > 0 and self.config.train.on_nonfinite == "error" and not self.scaler.is_enabled():
             raise NonFiniteLossError(self._nonfinite_message(gathered))
