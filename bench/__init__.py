@@ -12,6 +12,7 @@ notes/readme-performance.md for the figures and how to run them on GPUs.
 * ``input_pipeline``: imagefolder throughput, per-sample seeding, the demo's data wait
 * ``memory``: peak resident memory, and its growth over 2,000 steps
 * ``gpu_scaling``: samples/s and scaling efficiency from 1 to N GPUs (skipped without CUDA)
+* ``checkpoint_stall``, ``resume_latency``: checkpointing's cost (see their docstrings)
 
 ``BENCH_DEVICE=cuda`` runs ``step_time``, ``ddp_step_time`` (on ``BENCH_GPUS``
 GPUs) and ``startup`` on GPUs; ``BENCH_ROUNDS=N`` sets the rounds;

@@ -17,6 +17,7 @@ that both did the same work.
 
 from __future__ import annotations
 
+import statistics
 import sys
 
 from bench.harness import (DEVICE, BenchError, Scratch, compare, launch_command, ours_launch_args, raw_args,
@@ -33,8 +34,9 @@ TARGETS = {"mlp": 1.03, "cnn": 1.01}
 
 
 def measure(scratch: Scratch, kind: str, first: int, last: int, window: int, workers: int, nproc: int,
-            side: str) -> tuple[float, float]:
-    """Seconds per step in the run's fastest window of ``window`` steps, and the loss at the last probe.
+            side: str) -> tuple[float, float, float]:
+    """Seconds per step in the run's fastest window of ``window`` steps, the training thread's CPU
+    seconds per step over all of them, and the loss at the last probe.
 
     Other processes on the machine only ever add time, so the fastest window
     is the closest to the loop's own speed; both sides are measured alike.
@@ -54,24 +56,32 @@ def measure(scratch: Scratch, kind: str, first: int, last: int, window: int, wor
     probes = read_probes(probe_file)
     clocks = [probes[step]["clock"] for step in range(first, last + 1, window)]
     fastest = min(b - a for a, b in zip(clocks, clocks[1:]))
-    return fastest / window, probes[last]["loss"]
+    cpu = (probes[last]["cpu"] - probes[first]["cpu"]) / (last - first)
+    return fastest / window, cpu, probes[last]["loss"]
 
 
 def compare_step_time(title: str, kind: str, first: int, last: int, window: int, workers: int, nproc: int,
                       target: float, rounds: int):
     losses: dict[str, set] = {"ours": set(), "baseline": set()}
+    cpu: dict[str, list] = {"ours": [], "baseline": []}
     with Scratch(f"{kind}-{nproc}") as scratch:
         def side(name):
             def run() -> float:
-                seconds, loss = measure(scratch, kind, first, last, window, workers, nproc, name)
+                seconds, cpu_seconds, loss = measure(scratch, kind, first, last, window, workers, nproc, name)
                 losses[name].add(round(loss, 5))
+                cpu[name].append(cpu_seconds)
                 return seconds * 1e3
             return run
 
         result = compare(title, side("ours"), side("baseline"), rounds=rounds, unit="ms/step", target=target)
     same = losses["ours"] == losses["baseline"] and len(losses["ours"]) == 1
+    cpu_ratios = [o / b for o, b in zip(cpu["ours"], cpu["baseline"])]
+    # CPU time of the training thread is not inflated by other processes taking the core: a steadier
+    # view of the loop's own work (but blind to time spent waiting, for data or for other ranks).
     result.note = (f"same work: loss at step {last} {'identical' if same else 'DIFFERS'} "
-                   f"(ours {sorted(losses['ours'])}, baseline {sorted(losses['baseline'])})")
+                   f"(ours {sorted(losses['ours'])}, baseline {sorted(losses['baseline'])}); training thread's CPU "
+                   f"time per step ours/baseline: median {statistics.median(cpu_ratios):.3f} "
+                   f"(min {min(cpu_ratios):.3f}, max {max(cpu_ratios):.3f})")
     print("    " + result.note, flush=True)
     if not same and DEVICE == "cpu":  # GPU kernels (atomics in cuDNN's backward) are not bitwise repeatable
         raise BenchError(f"{title}: ours and the baseline did not train the same thing; the ratio means nothing")

@@ -96,7 +96,7 @@ def memory_kb() -> dict[str, int]:
 
 
 class Probe:
-    """Appends one JSON line per chosen step: the clock, the loss, resident memory.
+    """Appends one JSON line per chosen step: the clock, this thread's CPU time, the loss, resident memory.
 
     Called right after the forward pass of each micro-step, by both sides, so
     the time between two probes covers whole steps of each loop. Only the
@@ -109,7 +109,7 @@ class Probe:
     def __call__(self, loss: torch.Tensor) -> None:
         self.count += 1
         if self.count in self.steps:
-            record = {"step": self.count, "clock": time.perf_counter(), "time": time.time(),
+            record = {"step": self.count, "clock": time.perf_counter(), "cpu": time.thread_time(), "time": time.time(),
                       "loss": loss.item(), **memory_kb()}
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")

@@ -90,6 +90,7 @@ class TrainConfig:
     eval_every_epochs: int = 1
     progress_bar: bool = True
     on_nonfinite: Literal["error", "skip"] = "error"
+    stop_check_s: float = 0.5  # ranks agree on a stop signal about this often (0: every step)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -169,6 +170,7 @@ NOT_IN_HASH = (
     ("watchdog", None),
     ("train", "progress_bar"),
     ("train", "log_every"),
+    ("train", "stop_check_s"),
     ("checkpoint", "keep_last"),
     ("checkpoint", "async_save"),
     ("checkpoint", "every_steps"),

@@ -142,7 +142,7 @@ class Trainer:
         self.writer = ckpt.CheckpointWriter(run_dir / "checkpoints", config.checkpoint.keep_last,
                                             config.checkpoint.async_save) if env.is_main else None
         self.sink = MetricsSink(run_dir, enabled=env.is_main)
-        self.stop_vote = StopVote(stop)
+        self.stop_vote = StopVote(stop, every_s=train.stop_check_s)
         self.last_checkpoint: Path | None = None
         self.skipped_steps = 0  # on_nonfinite=skip
         self.scaler_skips = torch.zeros((), device=device)  # fp16: steps the gradient scaler skipped

@@ -36,7 +36,8 @@ pytestmark = pytest.mark.timeout(300)
 SECTIONS = {
     "data": {"batch_size": 8, "num_workers": 0},
     "optim": {"lr": 0.05},
-    "train": {"epochs": 3, "log_every": 5, "progress_bar": False},
+    # Votes on a stop every step: the signals land at exact points of tiny, millisecond steps.
+    "train": {"epochs": 3, "log_every": 5, "progress_bar": False, "stop_check_s": 0},
     "checkpoint": {"every_steps": 4, "keep_last": 2},
 }
 

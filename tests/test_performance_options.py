@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ddp.config import DataConfig, DDPConfig, load_config
 from ddp.data import PerSampleSeeded, ResumableDistributedSampler, make_loader, sample_seed

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from tests.jobs_for_tests import JOB_NAME, recorded_ids
 BASE = {
     "data": {"batch_size": 8, "num_workers": 0},
     "optim": {"lr": 0.05},
-    "train": {"epochs": 2, "log_every": 5, "progress_bar": False},
+    # Votes on a stop every step: these tests stop at exact points of tiny, millisecond steps.
+    "train": {"epochs": 2, "log_every": 5, "progress_bar": False, "stop_check_s": 0},
     "checkpoint": {"every_steps": 5, "keep_last": 3},
 }
 
@@ -220,14 +222,16 @@ def test_two_workers_stopped_mid_epoch_then_one_sees_every_sample_once(tmp_path)
 
 # -- stop signals: agreement, forwarding, reporting --------------------------------------------
 
-def _vote_worker(rank: int, store_path: str, signal_at: dict, results) -> None:
+def _vote_worker(rank: int, store_path: str, signal_at: dict, results, every_s: float = 0.0,
+                 step_s: float = 0.0, steps: int = 30) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     stop = StopRequest()
-    vote = StopVote(stop)
+    vote = StopVote(stop, every_s=every_s)
     agreed_at = None
-    for step in range(1, 30):
+    for step in range(1, steps):
+        time.sleep(step_s * (1 + rank))  # rank 1 is the slow one
         if step == signal_at.get(rank):
             stop.signal_name = "SIGTERM"  # as the handler would
         if vote.agreed():
@@ -253,6 +257,24 @@ def test_every_rank_agrees_on_the_same_stop_step(tmp_path, signal_at):
     first = min(signal_at.values(), default=None)
     expected = None if first is None else first + 1  # the vote started at a step is read at the next
     assert agreed == {0: expected, 1: expected}
+
+
+@pytest.mark.timeout(60)
+def test_spaced_votes_still_agree_on_one_step_within_about_two_intervals(tmp_path):
+    # Steps of 10-20 ms and votes about 0.1 s apart: votes every ~5 steps, read ~5 steps later.
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    store = tempfile.mktemp(dir=tmp_path)
+    signal_at = {0: 12}
+    workers = [context.Process(target=_vote_worker, args=(rank, store, signal_at, results, 0.1, 0.01, 80))
+               for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    agreed = dict(results.get(timeout=50) for _ in workers)
+    for worker in workers:
+        worker.join(10)
+    assert agreed[0] == agreed[1] is not None
+    assert 12 < agreed[0] <= 12 + 2 * 10 + 1  # the interval never exceeds 0.1 s / 10 ms steps
 
 
 def test_a_stop_request_keeps_the_first_signal(monkeypatch):

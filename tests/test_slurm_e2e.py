@@ -179,7 +179,9 @@ def runs(slurm_cluster, tmp_path_factory):
     """
     base = tmp_path_factory.mktemp("slurm-e2e")
     awkward = base / "runs with 'quotes' $(touch pwned) `touch pwned2`"
-    common = [str(DEMO), "train.progress_bar=false"]
+    # The demo's steps take milliseconds: B must stop within a few of them, so its ranks vote on a
+    # stop every step (the slow jobs C, D and E keep the default cadence).
+    common = [str(DEMO), "train.progress_bar=false", "train.stop_check_s=0"]
     slow = base / "slow.yaml"
     slow.write_text(json.dumps({  # JSON is YAML
         "job": {"name": SLOW_JOB, "step_sleep_s": 0.1}, "run": {"name": "slow", "dir": str(base / "runs")},
