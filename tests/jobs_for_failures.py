@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from jobs.base import Job
+from tests.helpers import add_ballast
 
 JOB_FILE = Path(__file__).resolve()
 JOB_NAME = f"{JOB_FILE}:FailingJob"
@@ -51,9 +52,7 @@ class FailingJob(Job):
         c = self.config
         outputs = c.classes + (self.env.rank if c.rank_dependent_model else 0)
         model = nn.Sequential(nn.Linear(c.features, 8), nn.ReLU(), nn.Linear(8, outputs))
-        if c.ballast_mb > 0:
-            numel = int(c.ballast_mb * 2**20 / 4)
-            model.register_parameter("ballast", nn.Parameter(torch.zeros(numel), requires_grad=False))
+        add_ballast(model, c.ballast_mb)
         return model
 
     def build_datasets(self):

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from jobs.base import Job
+from tests.helpers import add_ballast
 
 JOB_FILE = Path(__file__).resolve()
 JOB_NAME = f"{JOB_FILE}:FaultJob"
@@ -93,9 +94,7 @@ class FaultJob(Job):
         c = self.config
         model = nn.Sequential(nn.Linear(c.features, c.hidden), nn.BatchNorm1d(c.hidden), nn.ReLU(),
                               nn.Dropout(c.dropout), nn.Linear(c.hidden, c.classes))
-        if c.ballast_mb > 0:
-            numel = int(c.ballast_mb * 2**20 / 4)
-            model.register_parameter("ballast", nn.Parameter(torch.zeros(numel), requires_grad=False))
+        add_ballast(model, c.ballast_mb)
         return model
 
     def build_datasets(self):
