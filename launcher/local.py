@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher.errors import LaunchError
-from launcher.failures import describe_failure
+from launcher.failures import describe_failure, root_cause
 
 
 @dataclass(frozen=True)
@@ -274,5 +274,6 @@ def report_stop(signum: signal.Signals | None, run_dir: Path) -> int:
 
 
 def first_exit_code(failure) -> int:
-    _, first = failure.get_first_failure()
+    """The exit code of the failure reported as the root cause (not torch's first, which may be a lost peer)."""
+    _, first = root_cause(failure)
     return first.exitcode if first.exitcode > 0 else 1
