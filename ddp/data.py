@@ -14,13 +14,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import math
-import pickle
 import random
 import signal
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -96,65 +94,29 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2**63 - 1)
 
 
-class _GlobalGenerator:
-    """One of the global generators dataset code draws from: how to seed it, a cheap fingerprint
-    of its state (which every draw changes) and, when the fingerprint is the whole state, how to
-    set it back."""
-
-    def __init__(self, name: str, seed: Callable[[int], object], fingerprint: Callable[[], object],
-                 restore: Callable[[object], object] | None):
-        self.name, self.seed, self.fingerprint, self.restore = name, seed, fingerprint, restore
-
-
-def _numpy_fingerprint() -> bytes:
-    bitgen = np.random.get_bit_generator()
-    if type(bitgen).__name__ == "MT19937":
-        # Its raw state (624 words and a position) through numpy's public ctypes view: 0.5 us,
-        # where np.random.get_state() copies it into a new tuple in ~30 us.
-        return ctypes.string_at(bitgen.ctypes.state_address, 624 * 4 + 4)
-    return pickle.dumps(bitgen.state)  # set_bit_generator() put another kind there: rare, slower
-
-
-def _same(a, b) -> bool:
-    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-
-
-GENERATORS = (
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     # The CPU generator only: torch.manual_seed would also queue a reseed of every CUDA device
     # with a captured stack trace (~170 us), and in the main process it would reseed the
     # training loop's own dropout stream on the GPU.
-    _GlobalGenerator("torch", torch.default_generator.manual_seed, torch.default_generator.get_state,
-                     torch.default_generator.set_state),
-    # numpy's fingerprint misses the legacy gaussian cache, which lives outside the bit generator.
-    _GlobalGenerator("numpy", lambda seed: np.random.seed(seed % 2**32), _numpy_fingerprint, None),
-    _GlobalGenerator("random", random.seed, random.getstate, random.setstate),
-)
+    torch.default_generator.manual_seed(seed)
 
 
 class PerSampleSeeded(Dataset):
     """Wraps a dataset so each ``(epoch, index)`` item is produced under its own seed.
 
-    Every item comes out exactly as if ``random``, numpy's and torch's global
-    generators had all been seeded from ``sample_seed(seed, epoch, index)``
-    just before it. Seeding all three costs ~8 us per item, as much as fetching
-    an in-memory sample, so only the generators the dataset has been seen to
-    draw from are seeded: the others are fingerprinted before and after each
-    batch, and when one of them has moved, the batch is produced again with it
-    seeded too, as is every later batch. A dataset without randomness (tensors
-    in memory) then costs well under 1 us per item, one drawing from torch only
-    (torchvision's transforms) ~2 us, and the items never depend on it.
-
-    The DataLoader fetches whole batches through ``__getitems__``, so saving and
-    restoring the training loop's generators in the main process is paid once
-    per batch too (~35 us, most of it Python's ``random.getstate``). Tensors in
-    memory (torch's ``TensorDataset`` itself, not a subclass, which could
-    augment) hold no randomness at all and are passed through untouched.
+    Every item comes out as if ``random``, numpy's and torch's global generators
+    had all been seeded from ``sample_seed(seed, epoch, index)`` just before it
+    (~8 us an item). The DataLoader fetches whole batches through ``__getitems__``,
+    so in the main process (``num_workers=0``) the training loop's generators are
+    saved and restored once per batch. Tensors in memory (torch's ``TensorDataset``
+    itself, not a subclass, which could augment) hold no randomness at all and are
+    passed through untouched.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
-        self._drawn_from: tuple[str, ...] = ()  # learnt per process: it changes the cost, never the items
-        self._numpy_known: tuple[bytes, tuple] | None = None  # see _loop_numpy_state
         self._without_randomness = type(dataset) is TensorDataset
 
     def __len__(self) -> int:
@@ -167,63 +129,22 @@ class PerSampleSeeded(Dataset):
         if self._without_randomness:
             return [self.dataset[index] for _, index in keys]
         if get_worker_info() is not None:
-            # A worker's generators belong to it alone: seeding them is enough.
-            return self._produce(keys, {gen.name: gen.fingerprint() for gen in GENERATORS
-                                        if gen.name not in self._drawn_from})
+            return self._seeded_items(keys)  # a loader worker's generators belong to it alone
         # In the main process, the training loop's generators must come out untouched.
-        numpy_state = self._loop_numpy_state()
-        if numpy_state[3]:
-            # The loop holds a cached numpy gaussian, which a draw would take without moving the
-            # bit generator (so unseen by the fingerprint): hide it for the batch.
-            np.random.set_state(numpy_state[:3] + (0, 0.0))
-        before = {gen.name: gen.fingerprint() for gen in GENERATORS}
+        saved = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
         try:
-            return self._produce(keys, {name: state for name, state in before.items() if name not in self._drawn_from})
+            return self._seeded_items(keys)
         finally:
-            for gen in GENERATORS:
-                if gen.restore is not None:
-                    gen.restore(before[gen.name])
-                elif numpy_state[3] or gen.name in self._drawn_from or not _same(gen.fingerprint(), before[gen.name]):
-                    np.random.set_state(numpy_state)
-
-    def _loop_numpy_state(self) -> tuple:
-        """np.random.get_state() (~35 us), or its copy from the last batch if nothing drew since.
-
-        A draw moves the bit generator, except one that takes a cached gaussian; a
-        state without one that has not moved is therefore still the same state.
-        """
-        fingerprint = _numpy_fingerprint()
-        if self._numpy_known is not None and self._numpy_known[0] == fingerprint:
-            return self._numpy_known[1]
-        state = np.random.get_state()
-        self._numpy_known = None if state[3] else (fingerprint, state)
-        return state
-
-    def _produce(self, keys: list[tuple[int, int]], watched: dict[str, object]) -> list:
-        items = self._seeded_items(keys)
-        moved = tuple(gen.name for gen in GENERATORS
-                      if gen.name in watched and not _same(gen.fingerprint(), watched[gen.name]))
-        if moved:  # an item drew from a generator that was not seeded for it: produce them all again
-            self._drawn_from += moved
-            items = self._seeded_items(keys)
-        return items
+            torch.default_generator.set_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])  # with numpy's cached gaussian, if it held one
 
     def _seeded_items(self, keys: list[tuple[int, int]]) -> list:
-        dataset, seed = self.dataset, self.seed
-        seeders = [gen.seed for gen in GENERATORS if gen.name in self._drawn_from]
         items = []
         for epoch, index in keys:
-            if seeders:
-                item_seed = sample_seed(seed, epoch, index)
-                for seeder in seeders:
-                    seeder(item_seed)
-            items.append(dataset[index])
+            _seed_all(sample_seed(self.seed, epoch, index))
+            items.append(self.dataset[index])
         return items
-
-
-def _seed_all(seed: int) -> None:
-    for gen in GENERATORS:
-        gen.seed(seed)
 
 
 class WorkerSeeder:
