@@ -23,36 +23,24 @@ it is about to change.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
-import re
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ddp.layout import BEST, LAST, list_step_checkpoints, marker_path, sha256_of, step_path
+from ddp.storage import advice_for
+
 log = logging.getLogger(__name__)
 
-STEP_FILE = re.compile(r"step_(\d{8})\.pt$")
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that cannot be written; the message lists what was found."""
-
-
-@dataclass(frozen=True)
-class Found:
-    path: Path
-    step: int
-
-
-def step_path(directory: Path, step: int) -> Path:
-    return directory / f"step_{step:08d}.pt"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -63,27 +51,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# What to do about the storage errors a checkpoint write meets in practice.
-_STORAGE_ADVICE = {
-    errno.ENOSPC: "the disk is full: free some space",
-    errno.EDQUOT: "the disk quota is used up: free some space or ask for more",
-    errno.EFBIG: "a file-size limit stopped it (`ulimit -f`, or the job's limits): raise the limit",
-    errno.EACCES: "the directory is not writable: fix its permissions",
-    errno.EPERM: "the directory is not writable: fix its permissions",
-    errno.EROFS: "the file system is read-only: write the run elsewhere (run.dir)",
-}
-
-
 def storage_error(path: Path, err: OSError) -> CheckpointError:
-    advice = _STORAGE_ADVICE.get(err.errno, "check the file system")
+    advice = advice_for(err)
     return CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; {advice}, then continue "
                            "the run with `launch resume RUN_DIR`. The previous checkpoint is unchanged and no "
                            "partial file is left")
@@ -111,10 +80,13 @@ class _WriteErrors:
         self.handle.flush()
 
 
-def write_atomic(state: dict, path: Path) -> None:
-    """Write ``state`` to ``path`` so that ``path`` is either absent, the old file, or complete."""
+def write_atomic(state: dict, path: Path, kind: str = "step") -> None:
+    """Write ``state`` to ``path`` so that ``path`` is either absent, the old file, or complete.
+
+    ``kind`` ("step", "epoch", "stop", ...) is recorded in the completion marker.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    done = path.with_name(path.name + ".done")
+    done = marker_path(path)
     done_tmp = done.with_name(done.name + ".tmp")
     renamed = False
     try:
@@ -128,11 +100,11 @@ def write_atomic(state: dict, path: Path) -> None:
                 raise recorder.error from None
             handle.flush()
             os.fsync(handle.fileno())
-        size, digest = tmp.stat().st_size, _sha256(tmp)
+        size, digest = tmp.stat().st_size, sha256_of(tmp)
         done.unlink(missing_ok=True)  # the old marker must not vouch for the new file
         os.replace(tmp, path)
         renamed = True
-        done_tmp.write_text(json.dumps({"size": size, "sha256": digest}))
+        done_tmp.write_text(json.dumps({"size": size, "sha256": digest, "kind": kind}))
         os.replace(done_tmp, done)
         _fsync_dir(path.parent)
     except BaseException as err:
@@ -148,52 +120,14 @@ def write_atomic(state: dict, path: Path) -> None:
         raise
 
 
-def verify(path: Path) -> str | None:
-    """None if ``path`` is a complete checkpoint, else why not."""
-    done = path.with_name(path.name + ".done")
-    if not path.exists():
-        return "missing"
-    if not done.exists():
-        return "no completion marker (written while the run stopped?)"
-    try:
-        record = json.loads(done.read_text())
-        size = path.stat().st_size
-        if size != record["size"]:
-            return f"size {size} bytes, expected {record['size']} (truncated?)"
-        if _sha256(path) != record["sha256"]:
-            return "checksum mismatch (corrupted)"
-    except (OSError, ValueError, KeyError) as err:
-        return f"unreadable completion marker ({err})"
-    return None
-
-
-def list_step_checkpoints(directory: Path) -> list[Found]:
-    if not directory.is_dir():
-        return []
-    found = []
-    for entry in directory.iterdir():
-        match = STEP_FILE.match(entry.name)
-        if match:
-            found.append(Found(entry, int(match.group(1))))
-    return sorted(found, key=lambda item: item.step)
-
-
-def latest_valid(directory: Path) -> Found | None:
-    """The newest complete checkpoint; warns once about newer ones that are not."""
-    candidates = list_step_checkpoints(directory)
-    problems = []
-    for candidate in reversed(candidates):
-        problem = verify(candidate.path)
-        if problem is None:
-            if problems:
-                log.warning("skipping unusable checkpoint(s) %s; resuming from %s instead",
-                            "; ".join(problems), candidate.path.name)
-            return candidate
-        problems.append(f"{candidate.path.name}: {problem}")
-    if candidates:
-        raise CheckpointError(f"no valid checkpoint in {directory}; found {'; '.join(problems)}. "
-                              "Start afresh with checkpoint.resume=false or a new run.name")
-    return None
+def set_aside(path: Path, why: str) -> Path:
+    """Rename an unusable step file (and its marker) out of the way, so it is neither resumed from nor
+    mistaken for the newest, but kept for a look. Returns the new name."""
+    target = path.with_name(path.name + ".unusable")
+    os.replace(path, target)
+    marker_path(path).unlink(missing_ok=True)
+    log.warning("set aside unusable checkpoint %s as %s: %s", path.name, target.name, why)
+    return target
 
 
 def load(path: Path, map_location: torch.device | str = "cpu") -> dict:
@@ -203,8 +137,8 @@ def load(path: Path, map_location: torch.device | str = "cpu") -> dict:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot load checkpoint {path}: {first_line}. Only checkpoints holding "
                               "tensors and plain values are loaded (weights_only=True)") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not a checkpoint written by this launcher (no 'model' entry)")
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint written by this launcher (no 'format' entry)")
     return state
 
 
@@ -236,22 +170,33 @@ def _link(source: Path, name: str) -> None:
 
 
 class CheckpointWriter:
-    """Rank 0's checkpoint writer: sync or in a background thread, with keep-last-N."""
+    """Rank 0's checkpoint writer: sync or in a background thread, keeping the newest valid ones.
+
+    Pruning keeps the newest ``keep_last`` checkpoints this writer knows to be valid
+    (written by it, or resumed from) and deletes only older ones: a newer file whose
+    validity is unknown is never the reason a valid one goes, and the newest valid
+    checkpoint is never deleted.
+    """
 
     def __init__(self, directory: Path, keep_last: int = 2, async_save: bool = False):
-        self.directory = directory
+        self.directory = Path(directory)
         self.keep_last = max(1, keep_last)
         self.async_save = async_save
+        self._valid: set[int] = set()  # steps whose files are known complete
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._staged: Any = None  # the host copy of the last async save, reused by the next one
         self._copied: threading.Event | None = None  # set once the background copy is complete
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob("*.tmp"):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob("*.tmp"):
             stale.unlink(missing_ok=True)  # left by a crash mid-write
 
-    def save(self, state: dict, step: int, is_best: bool = False, *, deferrable: frozenset[int] = frozenset()
-             ) -> Path:
+    def note_valid(self, step: int) -> None:
+        """A checkpoint verified elsewhere (the one a run resumed from) counts as valid for pruning."""
+        self._valid.add(step)
+
+    def save(self, state: dict, step: int, is_best: bool = False, *, kind: str = "step",
+             deferrable: frozenset[int] = frozenset()) -> Path:
         """Write ``state`` as the checkpoint of ``step``; with ``async_save``, in a background thread.
 
         Asynchronously, the caller waits only for the copy of its tensors to host memory, and
@@ -263,13 +208,13 @@ class CheckpointWriter:
         self.wait()  # one write at a time; also surfaces a failed background write
         path = step_path(self.directory, step)
         if not self.async_save:
-            self._write(state, path, is_best)
+            self._write(state, path, step, is_best, kind)
             return path
         # The previous write has finished (wait() above), so its host buffers can take this copy:
         # no allocation, no page faults, just the copy.
         partial = _stage(state, self._staged, defer=deferrable)
         self._copied = threading.Event()
-        self._thread = threading.Thread(target=self._write_in_background, args=(partial, path, is_best),
+        self._thread = threading.Thread(target=self._write_in_background, args=(partial, path, step, is_best, kind),
                                         name="checkpoint-writer", daemon=False)
         self._thread.start()
         return path
@@ -284,34 +229,41 @@ class CheckpointWriter:
         if self._copied is not None:
             self._copied.wait()
 
-    def _write_in_background(self, partial: dict, path: Path, is_best: bool) -> None:
+    def _write_in_background(self, partial: dict, path: Path, step: int, is_best: bool, kind: str) -> None:
         try:
             try:
                 self._staged = state = _stage(partial, self._staged)
             finally:
                 self._copied.set()  # on failure too: the error surfaces in wait()
-            self._write(state, path, is_best)
+            self._write(state, path, step, is_best, kind)
         except BaseException as err:  # noqa: BLE001 - re-raised in the training thread by wait()
             self._error = err
 
-    def _write(self, state: dict, path: Path, is_best: bool) -> None:
-        write_atomic(state, path)
+    def _write(self, state: dict, path: Path, step: int, is_best: bool, kind: str) -> None:
+        write_atomic(state, path, kind)
+        self._valid.add(step)
         try:
-            _link(path, "last.pt")
+            _link(path, LAST)
             if is_best:
-                _link(path, "best.pt")
+                _link(path, BEST)
             self._prune()
         except OSError as err:
-            for leftover in ("last.pt.tmp", "best.pt.tmp"):
+            for leftover in (LAST + ".tmp", BEST + ".tmp"):
                 (self.directory / leftover).unlink(missing_ok=True)
-            raise CheckpointError(f"checkpoint {path} was written, but updating last.pt/best.pt failed: "
-                                  f"{err.strerror or err}; {_STORAGE_ADVICE.get(err.errno, 'check the file system')}"
+            raise CheckpointError(f"checkpoint {path} was written, but updating {LAST}/{BEST} failed: "
+                                  f"{err.strerror or err}; {advice_for(err)}"
                                   ) from None
 
     def _prune(self) -> None:
-        for old in list_step_checkpoints(self.directory)[: -self.keep_last]:
-            old.path.unlink(missing_ok=True)
-            old.path.with_name(old.path.name + ".done").unlink(missing_ok=True)
+        present = {found.step: found.path for found in list_step_checkpoints(self.directory)}
+        kept = sorted(step for step in self._valid if step in present)[-self.keep_last:]
+        if not kept:
+            return
+        for step, path in present.items():
+            if step < kept[0]:
+                path.unlink(missing_ok=True)
+                marker_path(path).unlink(missing_ok=True)
+        self._valid = set(kept)
 
     def wait(self) -> None:
         if self._thread is not None:

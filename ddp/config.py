@@ -1,10 +1,13 @@
-"""Typed, nested run configuration: YAML in, frozen dataclasses out.
+"""The training config: typed, nested, frozen sections, each key declared with its default, range and meaning.
 
-Every section is a dataclass, so an unknown key or a value of the wrong type is
-caught before any process starts, with the key's dotted name and the valid
-ones. Dotted command-line overrides (``optim.lr=0.1``) go through the same check.
-The ``job`` section is open: ``job.name`` picks the job, and the job's own
-``Config`` dataclass validates the rest (see ``jobs.registry``).
+YAML in (read within limits, see ``ddp.yaml_safe``), frozen dataclasses out;
+an unknown key, a value of the wrong type or out of its range is caught
+before any process starts, naming the key, the value and what is allowed.
+Dotted overrides (``optim.lr=0.1``) go through the same check. The ``job``
+section is open: ``job.name`` picks the job, and the job's own ``Config``
+dataclass declares and checks the rest.
+
+Torch-free. The launcher's own section (``slurm:``) is declared by the launcher.
 """
 
 from __future__ import annotations
@@ -12,127 +15,138 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from ddp import yaml_safe
+from ddp.settings import ConfigError, build, no_control_characters, plain_name, setting
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader without YAML 1.1's base-60 numbers.
-
-    Plain YAML 1.1 reads ``time: 4:00:00`` as the integer 14400, which sbatch would take
-    as 14400 minutes; here anything with a colon stays text, as YAML 1.2 has it.
-    """
-
-    def resolve(self, kind, value, implicit):
-        tag = super().resolve(kind, value, implicit)
-        if kind is yaml.ScalarNode and ":" in value and tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
-            return "tag:yaml.org,2002:str"
-        return tag
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says how to fix it."""
+__all__ = ["Config", "ConfigError", "load_config", "parse_override", "set_dotted", "differences", "dump_yaml"]
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "run"
-    dir: str = "runs"  # the run directory is DIR/NAME
-    seed: int = 0
-    deterministic: bool = False
+    name: str = setting("run", "the run directory is run.dir/run.name", check=plain_name)
+    dir: str = setting("runs", "the folder that holds the run directories (relative: to the working directory)",
+                       check=no_control_characters)
+    seed: int = setting(0, "identical initial weights on every rank; per-rank random streams; seeded loader "
+                           "workers", at_least=0, at_most=2**32 - 1)
+    deterministic: bool = setting(False, "torch's deterministic algorithms (and the cuBLAS workspace setting)")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    batch_size: int = 64  # per process, per micro-step
-    eval_batch_size: Optional[int] = None  # default: batch_size
-    num_workers: int = 2
-    prefetch_factor: int = 2
-    pin_memory: bool = True  # only takes effect on CUDA
-    drop_last: bool = False
+    batch_size: int = setting(64, "per worker and micro-step; the global batch is this x world size x "
+                                  "train.accumulate", at_least=1)
+    eval_batch_size: Optional[int] = setting(None, "validation batch size (null: data.batch_size)", at_least=1)
+    num_workers: int = setting(2, "loader processes per worker (persistent); 0 loads in the training process",
+                               at_least=0, at_most=256)
+    prefetch_factor: int = setting(2, "batches each loader process prepares ahead", at_least=1, at_most=1024)
+    start_method: Literal["forkserver", "spawn", "fork"] = setting(
+        "forkserver", "how loader processes start: forkserver (from a clean process: safe beside the threads of "
+                      "gloo, async checkpoints and the watchdog), spawn, or fork (fast, but may deadlock when a "
+                      "thread holds a lock at the fork)")
+    pin_memory: bool = setting(True, "pinned host memory and non-blocking copies (CUDA only)")
+    drop_last: bool = setting(False, "drop the last partial batch of each epoch")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1  # for the whole job (see scale_lr)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    no_decay_bias_and_norm: bool = True
+    name: Literal["sgd", "adamw"] = setting("sgd", "the optimizer")
+    lr: float = setting(0.1, "the peak learning rate", above=0, at_most=1e3)
+    momentum: float = setting(0.9, "sgd: momentum", at_least=0, below=1)
+    weight_decay: float = setting(0.0, "weight decay (decoupled for adamw)", at_least=0, at_most=10)
+    betas: tuple[float, ...] = setting((0.9, 0.999), "adamw: the two betas", length=2, at_least=0, below=1)
+    no_decay_bias_and_norm: bool = setting(True, "no weight decay on biases and normalisation layers")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    name: Literal["constant", "cosine", "step"] = "cosine"
-    warmup_steps: int = 0
-    step_size: int = 1000  # "step": multiply by gamma every step_size optimizer steps
-    gamma: float = 0.1
-    min_lr: float = 0.0  # "cosine": the floor
+    name: Literal["constant", "cosine", "step", "plateau"] = setting(
+        "cosine", "constant; cosine (to schedule.min_lr over the run); step (x gamma every step_size steps); "
+                  "plateau (x factor when schedule.metric stops improving)")
+    warmup_steps: int = setting(0, "linear warmup, in optimizer steps", at_least=0)
+    step_size: int = setting(1000, "step: optimizer steps between reductions", at_least=1)
+    gamma: float = setting(0.1, "step: the factor of each reduction", above=0, at_most=1)
+    min_lr: float = setting(0.0, "cosine: the learning rate at the end; plateau: the floor", at_least=0)
+    metric: str = setting("val/loss", "plateau: the validation metric watched")
+    mode: Literal["min", "max"] = setting("min", "plateau: whether lower or higher values of the metric are better")
+    factor: float = setting(0.1, "plateau: the factor of each reduction", above=0, below=1)
+    patience: int = setting(2, "plateau: evaluations without improvement before a reduction", at_least=0)
+    threshold: float = setting(1e-4, "plateau: the relative change that counts as an improvement", at_least=0)
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    metric: Optional[str] = setting(None, "the validation metric watched (null: no early stopping)")
+    mode: Literal["min", "max"] = setting("min", "whether lower or higher values are better")
+    patience: int = setting(5, "evaluations without improvement before the run stops", at_least=1)
+    min_delta: float = setting(0.0, "the change that counts as an improvement", at_least=0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 1
-    max_steps: Optional[int] = None  # optimizer steps; stops early when reached
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    accumulate: int = 1  # micro-batches per optimizer step
-    clip_grad_norm: Optional[float] = None
-    sync_bn: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    log_every: int = 10  # optimizer steps between logged scalars
-    eval_every_epochs: int = 1
-    progress_bar: bool = True
-    on_nonfinite: Literal["error", "skip"] = "error"
-    stop_check_s: float = 0.5  # ranks agree on a stop signal about this often (0: every step)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int = setting(1, "epochs to train (the run ends at train.epochs or train.max_steps)", at_least=0)
+    max_steps: Optional[int] = setting(None, "optimizer steps to train at most (null: no limit)", at_least=1)
+    precision: Literal["fp32", "fp16", "bf16"] = setting(
+        "fp32", "fp16 (autocast and a gradient scaler) or bf16 (autocast, CPU too)")
+    accumulate: int = setting(1, "micro-batches per optimizer step; the gradient all-reduce runs on the last "
+                                 "(no_sync)", at_least=1)
+    clip_grad_norm: Optional[float] = setting(None, "clip the global gradient norm to this (after unscaling "
+                                                    "under fp16)", above=0)
+    sync_bn: bool = setting(False, "BatchNorm -> SyncBatchNorm on CUDA with more than one worker")
+    channels_last: bool = setting(False, "channels-last memory format for the model and images")
+    compile: bool = setting(False, "torch.compile the model")
+    log_every: int = setting(10, "optimizer steps between logged scalars", at_least=1)
+    eval_every_epochs: int = setting(1, "epochs between validations", at_least=1)
+    progress_bar: bool = setting(True, "a progress bar on rank 0 when the console is a terminal")
+    on_nonfinite: Literal["error", "skip"] = setting(
+        "error", "a NaN/inf loss: error stops the run; skip drops that step on every rank")
+    stop_check_s: float = setting(0.5, "how often the ranks agree on a stop signal (0: every step)",
+                                  at_least=0, at_most=3600)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: cuda when there is a GPU, else cpu")
+    early_stop: EarlyStopConfig = EarlyStopConfig()
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: Optional[int] = None  # also written at the end of every epoch
-    keep_last: int = 2
-    best_metric: Optional[str] = "val/accuracy"
-    best_mode: Literal["max", "min"] = "max"
-    async_save: bool = False
-    resume: bool = True  # resume from the run directory's latest checkpoint
+    every_steps: Optional[int] = setting(None, "also checkpoint every N optimizer steps (always at the end of "
+                                               "each epoch and at a stop)", at_least=1)
+    keep_last: int = setting(2, "valid step checkpoints kept (the newest valid one is never deleted)", at_least=1)
+    best_metric: Optional[str] = setting("val/accuracy", "what best.pt is best at (null: no best.pt)")
+    best_mode: Literal["max", "min"] = setting("max", "whether higher or lower values of best_metric are better")
+    async_save: bool = setting(False, "copy to host memory, write in a background thread")
+    resume: bool = setting(True, "resume from the run directory's latest valid checkpoint (false: start over; "
+                                 "the old checkpoints are moved aside)")
 
 
 @dataclass(frozen=True)
 class DDPConfig:
-    backend: Optional[Literal["nccl", "gloo"]] = None  # default: nccl on CUDA, else gloo
-    timeout_s: float = 1800.0
-    bucket_cap_mb: float = 25.0
-    gradient_as_bucket_view: bool = True
-    static_graph: bool = False
-    find_unused_parameters: bool = False
+    backend: Optional[Literal["nccl", "gloo"]] = setting(None, "process group backend (null: nccl on CUDA, "
+                                                               "else gloo)")
+    timeout_s: float = setting(1800.0, "collective timeout; raised to outlast the watchdog",
+                               at_least=10, at_most=7 * 24 * 3600)
+    bucket_cap_mb: float = setting(25.0, "DDP's gradient bucket size", above=0, at_most=65536)
+    gradient_as_bucket_view: bool = setting(True, "gradients live in DDP's buckets (saves a copy per step)")
+    static_graph: bool = setting(False, "the graph is the same every step (lets DDP skip checks)")
+    find_unused_parameters: bool = setting(False, "set true only if some parameters get no gradient")
 
 
 @dataclass(frozen=True)
 class WatchdogConfig:
-    timeout_s: Optional[float] = None  # no training progress for this long: dump stacks, exit
-
-
-@dataclass(frozen=True)
-class SlurmConfig:
-    partition: Optional[str] = None
-    time: Optional[str] = None  # sbatch format, e.g. "4:00:00"
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
-    exclude: Optional[str] = None
-    cpus_per_task: Optional[int] = None
-    mem: Optional[str] = None
-    job_name: Optional[str] = None
-    signal_delay_s: int = 120  # USR2 this long before the time limit
-    max_requeues: int = 3
-    additional: dict = field(default_factory=dict)  # any other sbatch option
+    timeout_s: Union[Literal["auto"], float, None] = setting(
+        "auto", "no training progress for this long ends the run with every rank's stack (exit 124); auto: "
+                "calibrated from the observed step, evaluation and checkpoint times; null: off", above=0)
+    floor_s: float = setting(60.0, "auto: never less than this once the first step is done", above=0)
+    startup_s: float = setting(900.0, "auto: the limit until the first step, first evaluation and first "
+                                      "checkpoint have been timed", above=0)
+    straggler_factor: float = setting(1.5, "a rank this many times slower than the median is a straggler",
+                                      above=1)
+    straggler_windows: int = setting(5, "log windows in a row a rank must be slow before it is named",
+                                     at_least=1)
 
 
 @dataclass(frozen=True)
@@ -146,7 +160,17 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     ddp: DDPConfig = DDPConfig()
     watchdog: WatchdogConfig = WatchdogConfig()
-    slurm: SlurmConfig = SlurmConfig()
+
+    def __post_init__(self):
+        problems = []
+        if self.schedule.min_lr > self.optim.lr:
+            problems.append(f"schedule.min_lr ({self.schedule.min_lr:g}) must not exceed optim.lr "
+                            f"({self.optim.lr:g})")
+        if not isinstance(self.job.get("name"), str) or not self.job.get("name"):
+            problems.append("job.name is missing; give a built-in job (image_classification), "
+                            "package.module:Class or path/to/file.py:Class")
+        if problems:
+            raise ConfigError(problems)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -156,18 +180,19 @@ class Config:
         data = self.to_dict()
         for section, key in NOT_IN_HASH:
             if key is None:
-                data.pop(section)
+                data.pop(section, None)
             else:
-                data[section].pop(key)
+                data[section].pop(key, None)
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# Keys that change how a run is watched, stored or scheduled, not what it computes: they may
+# Keys that change how a run is watched, stored or logged, not what it computes: they may
 # differ between a run and its resumption, and do not enter the config hash.
 NOT_IN_HASH = (
-    ("slurm", None),
     ("watchdog", None),
+    ("run", "dir"),
+    ("run", "name"),
     ("train", "progress_bar"),
     ("train", "log_every"),
     ("train", "stop_check_s"),
@@ -180,58 +205,58 @@ NOT_IN_HASH = (
 
 def changes_what_is_trained(dotted_key: str) -> bool:
     section, _, key = dotted_key.partition(".")
-    return not any(section == s and (k is None or key == k) for s, k in NOT_IN_HASH)
+    return not any(section == s and (k is None or key == k or key.startswith(k + ".")) for s, k in NOT_IN_HASH)
 
 
-# -- loading -----------------------------------------------------------------
+def differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf that differs between two plain config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and a and b:
+            out.extend(differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (safely), apply ``key=value`` overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        raw = read_yaml(path)
+# -- loading -------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (within limits), apply ``key=value`` overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
     for override in overrides:
         key, value = parse_override(override)
         set_dotted(raw, key, value)
-    return build(Config, raw, prefix="")
+    return build(Config, raw)
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a safe loader
-    except yaml.constructor.ConstructorError as err:
-        # safe_load refuses tags such as !!python/object, which could run code.
-        raise ConfigError(f"{path}: refused a YAML tag that is not plain data ({err.problem}); "
-                          "configs hold only plain values") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML{_yaml_location(err)}") from None
+        data = yaml_safe.read_file(path)
+    except yaml_safe.YamlError as err:
+        raise ConfigError(str(err)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (job:, data:, ...), "
+                          f"got {type(data).__name__}")
     return data
-
-
-def _yaml_location(err: yaml.YAMLError) -> str:
-    """`` at line 3, column 7: expected ',' or ']'`` in one line (PyYAML's own message spans several)."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{where}: {problem}"
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``optim.lr=0.1`` -> ("optim.lr", 0.1); the value is read as YAML (so 1e-3, true, [1,2])."""
     key, sep, value = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    if not sep or not key or any(not part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not of the form section.key=value, e.g. optim.lr=0.05")
+    if not value.strip():
+        return key, ""
     try:
-        parsed = yaml.load(value, Loader=_Loader) if value.strip() else ""  # noqa: S506 - a safe loader
-    except yaml.YAMLError:
+        parsed = yaml_safe.load_text(value)
+    except yaml_safe.YamlError as err:
+        if "not valid YAML" not in str(err):
+            raise ConfigError(f"override {key}: {err}") from None
         parsed = value  # e.g. a path with a colon: keep it as text
     return key, parsed
 
@@ -247,88 +272,6 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def build(cls: type, raw: Any, prefix: str):
-    """Turn a plain mapping into the dataclass ``cls``, checking every key and type."""
-    where = prefix.rstrip(".") or "the config"
-    if isinstance(raw, cls):
-        return raw
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a mapping, got {_describe(raw)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys in {where}: {', '.join(fields)}")
-    values = {}
-    for name, value in raw.items():
-        values[name] = coerce(hints[name], value, f"{prefix}{name}")
-    return cls(**values)
-
-
-def coerce(hint: Any, value: Any, key: str) -> Any:
-    """Check ``value`` against the type ``hint``; convert only where it is lossless."""
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value if value is not None else {}, prefix=key + ".")
-    origin = get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return coerce(option, value, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
-    if origin is Literal:
-        choices = get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {_describe(value)}")
-        return value
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. job_name: 123
-    elif hint is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-    elif hint is tuple or origin is tuple:
-        if isinstance(value, (list, tuple)):
-            return tuple(value)
-    else:
-        return value
-    raise ConfigError(f"{key} must be {_type_name(hint)}, got {_describe(value)}")
-
-
-def _type_name(hint: Any) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            dict: "a mapping", tuple: "a list"}.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
 def _plain(value: Any) -> Any:
     """Tuples to lists, so the dict dumps as plain YAML and round-trips."""
     if isinstance(value, dict):
@@ -338,5 +281,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def dump_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+def dump_yaml(config: Config | dict) -> str:
+    data = config.to_dict() if isinstance(config, Config) else config
+    return yaml.safe_dump(data, sort_keys=False)

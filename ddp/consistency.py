@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ddp import distributed
-from ddp.config import Config
+from ddp.config import Config, differences
 from ddp.model import parameter_signature
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def fingerprint(config: Config, model: nn.Module, job: Any = None, train_size: i
 def first_difference(key: str, mine: Any, theirs: Any) -> str:
     """One sentence on the first thing that differs between two values of a fingerprint's ``key``."""
     if key == "config":
-        for path, a, b in _walk(mine, theirs, ""):
+        for path, a, b in differences(mine, theirs):
             return f"config key {path} is {a!r} there and {b!r} on rank 0"
     if key == "model parameters":
         names_a, names_b = dict(mine), dict(theirs)
@@ -102,14 +102,6 @@ def first_difference(key: str, mine: Any, theirs: Any) -> str:
         if missing:
             return f"the model lacks rank 0's parameter {missing[0]} ({len(names_a)} against {len(names_b)})"
     return f"{key} is {mine!r} there and {theirs!r} on rank 0"
-
-
-def _walk(a: Any, b: Any, prefix: str):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            yield from _walk(a.get(key), b.get(key), f"{prefix}{key}.")
-    elif a != b:
-        yield prefix.rstrip("."), a, b
 
 
 def compare(fingerprints: list[dict]) -> str | None:

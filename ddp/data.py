@@ -10,21 +10,30 @@
   makes a mid-epoch resume (or a different ``num_workers``) bitwise exact.
 * ``ShardSampler`` gives each rank a disjoint part of the evaluation set with
   no padding, so summed metrics count every sample exactly once.
+* ``ResumableLoader`` puts them together: a loader that knows which epoch it is
+  in and how far, saves that in a checkpoint and continues from it.
+
+Loader processes start from a fork server by default (``data.start_method``),
+not by forking the training process: a fork while another thread of it (gloo's,
+the checkpoint writer, the watchdog) holds an interpreter lock leaves the child
+deadlocked for ever (seen as a rare silent hang before the first step).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import multiprocessing
 import random
 import signal
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, get_worker_info
 
-from ddp.config import DataConfig
+from ddp.process import die_with_parent
+from ddp.transfer import count_samples
 
 
 def epoch_order(length: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
@@ -154,23 +163,27 @@ class WorkerSeeder:
         self.seed, self.rank = seed, rank
 
     def __call__(self, worker_id: int) -> None:
+        die_with_parent()  # a training process killed with -9 takes its loader processes along
         _seed_all(self.seed + 1_000 * self.rank + worker_id)
         torch.set_num_threads(1)  # workers compete with the trainer for cores
-        # A scheduler's stop warning (sent to every process of a job step) is for the training
-        # process, which saves and then ends its loader workers; a loader worker killed by it
-        # would instead fail the training process before it could save.
-        for signum in (signal.SIGTERM, signal.SIGUSR2):
+        # A stop signal (a scheduler's, sent to every process of a job step; Ctrl-C, to the
+        # terminal's process group) is for the training process, which saves and then ends its
+        # loader processes; a loader process ended by it would fail the training process first.
+        for signum in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, sampler: Sampler, data: DataConfig, batch_size: int, *, seed: int,
-                rank: int, device: torch.device, num_workers: int | None = None,
-                drop_last: bool = False) -> DataLoader:
-    workers = data.num_workers if num_workers is None else num_workers
-    extra = {}
-    if workers > 0:
-        extra = dict(persistent_workers=True, prefetch_factor=data.prefetch_factor,
-                     worker_init_fn=WorkerSeeder(seed, rank))
+START_METHODS = ("forkserver", "spawn", "fork")
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, *, seed: int, rank: int,
+                num_workers: int = 0, prefetch_factor: int = 2, start_method: str = "forkserver",
+                pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+    extra: dict[str, Any] = {}
+    if num_workers > 0:
+        extra = dict(persistent_workers=True, prefetch_factor=prefetch_factor,
+                     worker_init_fn=WorkerSeeder(seed, rank),
+                     multiprocessing_context=multiprocessing.get_context(start_method))
     # A loader of its own generator: creating an iterator must not draw from the global one,
     # or a resumed run (which creates it at another moment) would drift from an uninterrupted one.
     generator = torch.Generator()
@@ -180,8 +193,79 @@ def make_loader(dataset: Dataset, sampler: Sampler, data: DataConfig, batch_size
         generator=generator,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=workers,
-        pin_memory=data.pin_memory and device.type == "cuda",
+        num_workers=num_workers,
+        pin_memory=pin_memory,
         drop_last=drop_last,
         **extra,
     )
+
+
+def shut_down(loader: DataLoader) -> None:
+    """End a loader's persistent worker processes now, not at interpreter exit (which a worker that ends
+    with ``os._exit`` never reaches: they would linger, and their semaphores would be reported leaked)."""
+    iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps a persistent workers' iterator
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
+class ResumableLoader:
+    """This rank's batches of each epoch, exact and resumable: it knows its epoch and how far it got.
+
+    ``for batch in loader`` yields the rest of the current epoch (all of it, unless
+    restored part-way), then moves on to the next epoch: the next ``iter()`` starts
+    it. ``set_epoch(e)`` picks an epoch explicitly (the position is kept when ``e``
+    is the epoch it is already in). ``state_dict()`` is the position, global over
+    the ranks, so a resume on another number of ranks still sees every remaining
+    sample of the epoch once.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = False, num_workers: int = 0, prefetch_factor: int = 2,
+                 start_method: str = "forkserver", pin_memory: bool = False):
+        self.dataset_size = len(dataset)
+        self.world_size = world_size
+        self.batch_size = batch_size
+        self.sampler = ResumableDistributedSampler(self.dataset_size, rank, world_size, seed, shuffle=shuffle,
+                                                   drop_last=drop_last)
+        self.loader = make_loader(dataset, self.sampler, batch_size, seed=seed, rank=rank,
+                                  num_workers=num_workers, prefetch_factor=prefetch_factor,
+                                  start_method=start_method, pin_memory=pin_memory, drop_last=drop_last)
+        self.epoch = 0
+        self.consumed = 0  # samples of this epoch handed out so far, over all ranks
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def batches_per_epoch(self) -> int:
+        """This rank's batches in a whole epoch."""
+        whole = ResumableDistributedSampler(self.dataset_size, 0, self.world_size, 0,
+                                            drop_last=self.sampler.drop_last)
+        share = len(whole)
+        return share // self.batch_size if self.loader.drop_last else math.ceil(share / self.batch_size)
+
+    def __len__(self) -> int:
+        """This rank's batches left in the current epoch."""
+        self.sampler.set_epoch(self.epoch, self.consumed)
+        share = len(self.sampler)
+        return share // self.batch_size if self.loader.drop_last else math.ceil(share / self.batch_size)
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch, self.consumed)
+        for batch in self.loader:
+            self.consumed = min(self.dataset_size, self.consumed + count_samples(batch) * self.world_size)
+            yield batch
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    def close(self) -> None:
+        shut_down(self.loader)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "dataset_size": self.dataset_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("dataset_size", self.dataset_size) != self.dataset_size:
+            raise ValueError(f"the checkpoint's loader went over {state['dataset_size']} samples, this one over "
+                             f"{self.dataset_size}: another dataset")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])

@@ -1,14 +1,24 @@
-"""Process group set-up and the few collectives the library needs.
+"""Process group set-up and the few collectives the core needs.
 
 With one process nothing is initialised and every helper degrades to the
 identity, so the same training code runs alone or in many processes without
 ``if distributed:`` branches (as in detectron2's ``comm``).
+
+Rank 0 hosts the process group's store itself, listening on the master
+address only (loopback for a single-node run), not on every interface as
+torch's own store does: the store has no authentication, so it should be
+reachable only where the job's ranks are. torch then reuses that store
+(``multi_tenant``), also for a user's script that calls
+``init_process_group`` itself.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
+import errno
+import ipaddress
+import logging
+import socket
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,6 +26,10 @@ import torch
 import torch.distributed as dist
 
 from ddp.env import DistEnv
+
+log = logging.getLogger(__name__)
+
+_hosted: list = []  # the store rank 0 hosts, kept alive for the life of the process
 
 
 class DeviceError(RuntimeError):
@@ -42,24 +56,74 @@ def backend_for(device: torch.device, requested: str | None = None) -> str:
     return requested or ("nccl" if device.type == "cuda" else "gloo")
 
 
+def bind_address(host: str) -> str | None:
+    """The local address to listen on for ``host`` (the master address), or None if it is not this machine's."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    for *_, address in infos:
+        ip = address[0]
+        if ipaddress.ip_address(ip).is_loopback:
+            return "127.0.0.1"
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind((ip, 0))
+            return ip
+        except OSError:
+            continue
+    return None
+
+
+def host_store(env: DistEnv, timeout_s: float) -> bool:
+    """On rank 0: host the job's TCPStore on ``master_addr:master_port``, listening on that address only.
+
+    Returns whether it did; when it cannot (the port is taken, e.g. by torchrun's own
+    shared store, or the address is not this machine's), torch's default applies.
+    """
+    if not env.distributed or env.rank != 0 or _hosted:
+        return bool(_hosted)
+    address = bind_address(env.master_addr)
+    if address is None:
+        return False
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((address, env.master_port))
+        listener.listen(4096)
+    except OSError as err:
+        listener.close()
+        if err.errno != errno.EADDRINUSE:
+            log.debug("cannot listen on %s:%d: %s", address, env.master_port, err)
+        return False
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, True,
+                          datetime.timedelta(seconds=timeout_s), wait_for_workers=False, multi_tenant=True,
+                          master_listen_fd=listener.fileno())
+    _hosted.append((store, listener))
+    return True
+
+
 def init_process_group(env: DistEnv, device: torch.device, backend: str | None = None,
                        timeout_s: float = 1800.0) -> None:
     """Join the job's process group; a no-op for one process."""
     if not env.distributed or dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", env.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    host_store(env, timeout_s)
     kwargs = {}
     if device.type == "cuda":
         kwargs["device_id"] = device  # lets NCCL bind eagerly and catch a wrong GPU early
     dist.init_process_group(
         backend=backend_for(device, backend),
-        init_method="env://",
+        init_method=f"tcp://{_url_host(env.master_addr)}:{env.master_port}",
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
         **kwargs,
     )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def destroy_process_group() -> None:
@@ -111,12 +175,34 @@ def all_gather_object(obj: Any) -> list:
     return gathered
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (e.g. "a signal arrived")."""
-    if not dist.is_initialized():
-        return flag
-    tensor = torch.tensor([1 if flag else 0], device=device)
-    return bool(all_reduce_max(tensor).item())
+def gather_rows(row: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's row of numbers, on every rank, in one all-reduce (no pickling)."""
+    ranks = world_size()
+    table = torch.zeros(ranks, len(row), dtype=torch.float64)
+    table[rank()] = torch.tensor(row, dtype=torch.float64)
+    return all_reduce_sum(table.to(device)).tolist()
+
+
+def on_main_then_agree(action, is_main: bool, wrap_error):
+    """``action()`` on rank 0 only; its result, or its error, on every rank at once.
+
+    With a plain barrier, a failure on rank 0 (a full disk) would leave the
+    others waiting in the barrier until the collective timeout; here every rank
+    raises at once: rank 0 its own error, the others ``wrap_error(error_type_name, message)``.
+    """
+    error, result = None, None
+    if is_main:
+        try:
+            result = action()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+    failure = None if error is None else (type(error).__name__, str(error))
+    failure, result = broadcast_object((failure, result))
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise wrap_error(*failure)
+    return result
 
 
 @contextmanager

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from ddp.lists import split_top_level
+
 # torch name -> SLURM variable, for jobs that run one SLURM task per worker.
 SLURM_VARIABLES = {
     "rank": "SLURM_PROCID",
@@ -55,7 +57,8 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             world_size=int(environ["WORLD_SIZE"]),
             local_world_size=int(environ.get("LOCAL_WORLD_SIZE", 1)),
             node_rank=int(environ.get("GROUP_RANK", 0)),
-            nnodes=max(1, int(environ["WORLD_SIZE"]) // max(1, int(environ.get("LOCAL_WORLD_SIZE", 1)))),
+            nnodes=int(environ.get("GROUP_WORLD_SIZE", 0))
+            or max(1, int(environ["WORLD_SIZE"]) // max(1, int(environ.get("LOCAL_WORLD_SIZE", 1)))),
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(environ.get("MASTER_PORT", 29500)),
             restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
@@ -84,10 +87,14 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
+# Below Linux's ephemeral range (32768-60999), where the kernel hands out ports to clients.
+JOB_PORTS = range(20000, 32768)
+
+
 def port_for_job(job_id: str) -> int:
     """A rendezvous port derived from the job id, so jobs sharing a node do not collide."""
     digits = int(re.sub(r"\D", "", str(job_id)) or 0)
-    return 20000 + digits % 20000
+    return JOB_PORTS.start + digits % len(JOB_PORTS)
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -96,7 +103,7 @@ def expand_nodelist(nodelist: str) -> list[str]:
     Zero padding is kept (``n[08-10]`` -> n08 n09 n10), as SLURM does.
     """
     hosts: list[str] = []
-    for item in _split_top_level(nodelist):
+    for item in (item for item in split_top_level(nodelist.strip(), quotes=False) if item):
         match = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\](.*)", item)
         if not match:
             hosts.append(item)
@@ -111,21 +118,3 @@ def expand_nodelist(nodelist: str) -> list[str]:
             for number in range(int(low), int(high) + 1):
                 hosts.extend(expand_nodelist(f"{prefix}{number:0{width}d}{suffix}"))
     return hosts
-
-
-def _split_top_level(nodelist: str) -> list[str]:
-    """Split on commas that are not inside brackets."""
-    items, depth, current = [], 0, ""
-    for char in nodelist.strip():
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    if current:
-        items.append(current)
-    return [item for item in items if item]

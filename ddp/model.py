@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp.config import DDPConfig, TrainConfig
+from ddp.config import DDPConfig
 from ddp.env import DistEnv
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,12 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device, env: DistEnv)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def wrap(model: nn.Module, device: torch.device, env: DistEnv, train: TrainConfig, ddp: DDPConfig) -> nn.Module:
-    if train.sync_bn:
+def wrap(model: nn.Module, device: torch.device, env: DistEnv, *, sync_bn: bool = False,
+         channels_last: bool = False, compile: bool = False, ddp: DDPConfig = DDPConfig()) -> nn.Module:
+    """The bare model on ``device`` (channels-last if asked), in DDP with several ranks, compiled if asked."""
+    if sync_bn:
         model = convert_sync_batchnorm(model, device, env)
-    memory_format = torch.channels_last if train.channels_last else torch.preserve_format
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = model.to(device=device, memory_format=memory_format)
     if env.distributed:
         model = DistributedDataParallel(
@@ -48,7 +50,7 @@ def wrap(model: nn.Module, device: torch.device, env: DistEnv, train: TrainConfi
             static_graph=ddp.static_graph,
             find_unused_parameters=ddp.find_unused_parameters,
         )
-    if train.compile:
+    if compile:
         model = torch.compile(model)
     return model
 

@@ -1,13 +1,11 @@
-"""Optimizer with decay / no-decay parameter groups, and warmup + cosine or step schedules."""
+"""The optimizer, with decay and no-decay parameter groups (the learning rate schedule: ``ddp.schedule``)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
-from ddp.config import OptimConfig, ScheduleConfig
+from ddp.config import OptimConfig
 
 # Parameters of these layers (and every bias) are not weight-decayed: decaying a
 # norm's scale or a bias toward zero only fights the normalisation.
@@ -34,23 +32,3 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
-
-
-def lr_factor(step: int, config: ScheduleConfig, total_steps: int, base_lr: float) -> float:
-    """The multiplier of the base learning rate after ``step`` optimizer steps."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.name == "constant":
-        return 1.0
-    if config.name == "step":
-        return config.gamma ** ((step - config.warmup_steps) // max(1, config.step_size))
-    span = max(1, total_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    floor = config.min_lr / base_lr if base_lr else 0.0
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_schedule(optimizer: torch.optim.Optimizer, config: ScheduleConfig, total_steps: int,
-                   base_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
-    # A plain lambda: LambdaLR's state_dict then holds only plain values (last_epoch, base_lrs).
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, total_steps, base_lr))

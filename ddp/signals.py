@@ -1,11 +1,12 @@
-"""Turning a scheduler's "you will be stopped soon" into a checkpoint at the next step boundary.
+"""Turning "you will be stopped soon" into a checkpoint at the next step boundary.
 
-SIGTERM (torchrun forwarding a stop, a preemption) and SIGUSR2 (SLURM's
-``--signal=USR2@N`` warning; not USR1, which NCCL may use) only set a flag
-here. ``StopVote`` makes every rank agree on the flag at the same step, the
-training loop saves a checkpoint and exits with ``EXIT_RESUMABLE`` so a
-launcher knows to resume, not give up. A second signal while the checkpoint
-is being written changes nothing.
+SIGTERM (``launch`` forwarding a stop, a preemption), SIGUSR2 (SLURM's
+``--signal=USR2@N`` warning; not USR1, which NCCL may use) and SIGINT (Ctrl-C)
+only set a flag here (``ddp.codes.STOP_SIGNALS``). ``StopVote`` makes every
+rank agree on the flag at the same step, the training loop saves a checkpoint
+and exits with ``EXIT_RESUMABLE`` so a launcher knows to resume, not give up.
+A second SIGTERM or SIGUSR2 while the checkpoint is being written changes
+nothing; a second SIGINT (Ctrl-C twice) stops at once, with KeyboardInterrupt.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import time
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from ddp.codes import STOP_SIGNALS
 
-EXIT_RESUMABLE = 75  # EX_TEMPFAIL: "try again later"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+log = logging.getLogger(__name__)
 
 
 class StopRequest:
@@ -38,8 +38,10 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            log.warning("received %s: saving a checkpoint at the next step boundary, then stopping",
-                        self.signal_name)
+            log.warning("received %s: saving a checkpoint at the next step boundary, then stopping%s",
+                        self.signal_name, " (Ctrl-C again stops at once)" if signum == signal.SIGINT else "")
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt("a second Ctrl-C: stopping at once, without a checkpoint")
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -51,6 +53,13 @@ class StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def ignore_stop_signals() -> None:
+    """Once training has returned or raised: a late stop signal must not turn a result into a kill."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
     def __enter__(self) -> "StopRequest":
         return self.install()

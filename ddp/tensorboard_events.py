@@ -69,14 +69,19 @@ def _length_delimited(field: int, payload: bytes) -> bytes:
     return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
+SESSION_START = 1  # SessionLog.status START: TensorBoard drops earlier events of this step and after
+
+
 def encode_event(wall_time: float, step: int | None = None, scalars: dict[str, float] | None = None,
-                 file_version: str | None = None) -> bytes:
-    """An ``Event``: wall_time (1, double), step (2, int64), file_version (3), summary (5)."""
+                 file_version: str | None = None, session_status: int | None = None) -> bytes:
+    """An ``Event``: wall_time (1, double), step (2, int64), file_version (3), summary (5), session_log (7)."""
     out = b"\x09" + struct.pack("<d", wall_time)
     if step is not None:
         out += b"\x10" + _varint(step)
     if file_version is not None:
         out += _length_delimited(3, file_version.encode())
+    if session_status is not None:
+        out += _length_delimited(7, b"\x08" + _varint(session_status))  # SessionLog { status = 1 }
     if scalars:
         # Summary { repeated Value value = 1; }  Value { string tag = 1; float simple_value = 2; }
         values = b"".join(_length_delimited(1, _length_delimited(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
@@ -91,15 +96,21 @@ def encode_record(data: bytes) -> bytes:
 
 
 class ScalarEventWriter:
-    """Appends scalar events to a new event file in ``log_dir``, as SummaryWriter.add_scalar would."""
+    """Appends scalar events to a new event file in ``log_dir``, as SummaryWriter.add_scalar would.
 
-    def __init__(self, log_dir: str | Path):
+    ``purge_from``: the first step this run writes (after a resume); TensorBoard then drops the
+    events of that step and later that earlier files hold, as SummaryWriter's ``purge_step``.
+    """
+
+    def __init__(self, log_dir: str | Path, purge_from: int | None = None):
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_counter)}"
         self.path = log_dir / name
         self._file = open(self.path, "wb")
         self._file.write(encode_record(encode_event(time.time(), file_version="brain.Event:2")))
+        if purge_from is not None:
+            self._file.write(encode_record(encode_event(time.time(), purge_from, session_status=SESSION_START)))
         self._file.flush()
         self._last_flush = time.monotonic()
 

@@ -9,7 +9,7 @@ group's timeout, 30 minutes by default, with nothing in the logs. Here:
 * A thread wakes every few seconds and writes this rank's position to
   ``RUN_DIR/logs/heartbeat_rank_N.json``, so every rank can see how far
   every other rank got.
-* When this rank has not beaten for ``watchdog.timeout_s`` seconds, or another
+* When this rank has not beaten for longer than its limit, or another
   rank's watchdog has already fired, the thread writes the verdict and the
   Python stack of every thread to this rank's log, leaves the verdict where
   torch's elastic agent reports it (``TORCHELASTIC_ERROR_FILE``), and ends the
@@ -24,6 +24,12 @@ is waiting, not stalled.
 
 If a rank's own code holds the GIL forever this thread cannot run; a
 ``faulthandler`` timer (a C thread) then dumps the stacks and exits instead.
+
+The limit. ``watchdog.timeout_s: auto`` (the default) calibrates it from what
+the loop has done: until a phase (a step, an evaluation batch, a checkpoint
+write) has been seen to complete, the generous ``watchdog.startup_s``; after,
+ten times the longest that phase has taken, and never under
+``watchdog.floor_s``. A number is a fixed limit; null turns the watchdog off.
 """
 
 from __future__ import annotations
@@ -40,12 +46,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ddp import storage
+from ddp.codes import EXIT_STALLED
+from ddp.config import WatchdogConfig
 from ddp.env import DistEnv
+from ddp.layout import RunDir
 
 log = logging.getLogger(__name__)
 
-EXIT_STALLED = 124  # as timeout(1): "gave up waiting"
 COLLECTIVE_MARGIN_S = 60.0  # the process group outlasts the watchdog by this much
+AUTO_FACTOR = 10.0  # auto: a phase may take this many times its longest time so far
 
 # What each phase of the loop is doing, for the message. "step" phases work on
 # step N+1 after N completed steps; the others come after step N.
@@ -65,7 +75,14 @@ _COLLECTIVE_DIR = os.path.join("torch", "distributed", "")
 _LAUNCHER_DIR = os.path.join("torch", "distributed", "elastic", "")
 
 
-def collective_timeout(ddp_timeout_s: float, watchdog_timeout_s: float | None) -> float:
+def longest_limit(config: WatchdogConfig) -> float | None:
+    """The longest the watchdog may wait (None: off)."""
+    if config.timeout_s is None:
+        return None
+    return config.startup_s if config.timeout_s == "auto" else float(config.timeout_s)
+
+
+def collective_timeout(ddp_timeout_s: float, config: WatchdogConfig) -> float:
     """The process group's timeout: never shorter than the watchdog's, so the watchdog reports first.
 
     A collective that times out says only that it timed out, on every rank; the
@@ -73,13 +90,10 @@ def collective_timeout(ddp_timeout_s: float, watchdog_timeout_s: float | None) -
     (longer) timeout for the set-up, where rank 0 may download a dataset while the
     others wait, and as the backstop if the watchdog itself cannot run.
     """
-    if watchdog_timeout_s is None:
+    limit = longest_limit(config)
+    if limit is None:
         return ddp_timeout_s
-    return max(ddp_timeout_s, watchdog_timeout_s + COLLECTIVE_MARGIN_S)
-
-
-def heartbeat_path(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / "logs" / f"heartbeat_rank_{rank}.json"
+    return max(ddp_timeout_s, limit + COLLECTIVE_MARGIN_S)
 
 
 def describe_position(record: dict) -> str:
@@ -96,7 +110,7 @@ def _position(record: dict) -> tuple:
     return tuple(record.get("position") or (0, 0, 0))
 
 
-def verdict(records: dict[int, dict | None], world_size: int, timeout_s: float) -> str:
+def verdict(records: dict[int, dict | None], world_size: int, waited_s: float) -> str:
     """Who stalled and who waited, from every rank's heartbeat record (None: no recent heartbeat)."""
     live = {rank: rec for rank, rec in records.items() if rec is not None}
     silent = sorted(rank for rank in range(world_size) if records.get(rank) is None)
@@ -121,7 +135,7 @@ def verdict(records: dict[int, dict | None], world_size: int, timeout_s: float) 
             ranks = ", ".join(map(str, waiting))
             parts.append(f"rank{'s' if len(waiting) > 1 else ''} {ranks} waited for "
                          f"{'it' if len(stalled) + len(silent) == 1 else 'them'} {' / '.join(where)}")
-    return f"watchdog: no training progress for {timeout_s:g} s; " + "; ".join(parts)
+    return f"watchdog: no training progress for {waited_s:.0f} s; " + "; ".join(parts)
 
 
 def _main_thread_in_collective() -> bool:
@@ -142,34 +156,50 @@ class _Beat:
 
 
 class Watchdog:
-    """``with Watchdog(...) as dog: ... dog.beat(step, "forward") ...``; does nothing when ``timeout_s`` is None."""
+    """``with Watchdog(...) as dog: ... dog.beat(step, "forward") ...``; does nothing when it is off."""
 
-    def __init__(self, run_dir: Path, env: DistEnv, timeout_s: float | None, log_file: Path | None = None,
+    def __init__(self, run_dir: RunDir | Path, env: DistEnv, config: WatchdogConfig = WatchdogConfig(),
                  interval_s: float | None = None):
-        self.run_dir, self.env, self.timeout_s = Path(run_dir), env, timeout_s
-        self.log_file = log_file or self.run_dir / "logs" / f"rank_{env.rank}.log"
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.env, self.config = env, config
+        self.log_file = self.run_dir.rank_log(env.rank)
+        longest = longest_limit(config)
+        self.enabled = longest is not None
         # Often enough that a verdict sees fresh positions; rarely enough to cost nothing.
-        self.interval_s = interval_s or (min(5.0, max(0.2, timeout_s / 5)) if timeout_s else 5.0)
+        floor = config.floor_s if config.timeout_s == "auto" else (longest or 5.0)
+        self.interval_s = interval_s or min(5.0, max(0.2, floor / 5))
         self._beat = _Beat(0, 0, "starting", 0, time.time())
+        self._longest: dict[str, float] = {}  # auto: the longest each phase has taken
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stack_file: IO | None = None
         self._host = socket.gethostname()
 
-    @property
-    def enabled(self) -> bool:
-        return self.timeout_s is not None
-
     def beat(self, step: int, phase: str, sub: int = 0) -> None:
         """The loop is alive at ``phase`` of ``step``. Cheap: one object, no I/O."""
         last = self._beat
+        now = time.time()
+        if phase != last.phase or step != last.step or sub != last.sub:
+            taken = now - last.at
+            if taken > self._longest.get(last.phase, 0.0) and last.phase != "starting":
+                self._longest[last.phase] = taken
         if step != last.step:
             seq = 0
         elif phase != last.phase:
             seq = last.seq + 1
         else:
             seq = last.seq
-        self._beat = _Beat(step, seq, phase, sub, time.time())  # one assignment: atomic for the reader
+        self._beat = _Beat(step, seq, phase, sub, now)  # one assignment: atomic for the reader
+
+    def limit_s(self, phase: str) -> float:
+        """How long ``phase`` may go without a beat before this rank counts as stalled."""
+        c = self.config
+        if c.timeout_s != "auto":
+            return float(c.timeout_s)
+        seen = self._longest.get(phase)
+        if seen is None:
+            return c.startup_s
+        return max(c.floor_s, AUTO_FACTOR * seen)
 
     # -- the thread -------------------------------------------------------------------------------
 
@@ -178,7 +208,7 @@ class Watchdog:
             return self
         self.beat(self._beat.step, "starting")
         self._stack_file = open(self.log_file, "a")
-        self._arm_backstop(0.0)
+        self._arm_backstop(self.limit_s(self._beat.phase))
         self._write_heartbeat()
         self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
         self._thread.start()
@@ -192,7 +222,7 @@ class Watchdog:
         self._thread = None
         faulthandler.cancel_dump_traceback_later()
         self._stack_file.close()
-        heartbeat_path(self.run_dir, self.env.rank).unlink(missing_ok=True)
+        self.run_dir.heartbeat(self.env.rank).unlink(missing_ok=True)
 
     def __enter__(self) -> "Watchdog":
         return self.start()
@@ -204,20 +234,21 @@ class Watchdog:
         while not self._stop.wait(self.interval_s):
             beat = self._beat
             silent_for = time.time() - beat.at
-            self._arm_backstop(silent_for)
+            limit = self.limit_s(beat.phase)
+            self._arm_backstop(limit - silent_for)
             self._write_heartbeat()
-            if silent_for > self.timeout_s:
-                self._fire(verdict(self._read_heartbeats(), self.env.world_size, self.timeout_s))
+            if silent_for > limit:
+                self._fire(verdict(self._read_heartbeats(), self.env.world_size, silent_for))
             # Only a rank that is itself blocked looks at the others' files (thousands of ranks
             # reading each other's files every few seconds would load a shared file system).
             fired = self._fired_elsewhere() if silent_for > 2 * self.interval_s else None
             if fired is not None:
                 self._fire(fired)
 
-    def _arm_backstop(self, silent_for: float) -> None:
+    def _arm_backstop(self, remaining_s: float) -> None:
         """Re-armed while this thread runs: if it stops running (the GIL held forever), a C
         thread still dumps the stacks and ends the process (exit code 1) a little later."""
-        faulthandler.dump_traceback_later(max(1.0, self.timeout_s - silent_for + 2 * self.interval_s + 5),
+        faulthandler.dump_traceback_later(max(1.0, remaining_s + 2 * self.interval_s + 5),
                                           exit=True, file=self._stack_file)
 
     def _record(self, **extra) -> dict:
@@ -228,13 +259,14 @@ class Watchdog:
                 "in_collective": _main_thread_in_collective(), **extra}
 
     def _write_heartbeat(self, **extra) -> None:
-        path = heartbeat_path(self.run_dir, self.env.rank)
+        path = self.run_dir.heartbeat(self.env.rank)
         tmp = path.with_name(path.name + ".tmp")
         try:
             tmp.write_text(json.dumps(self._record(**extra)))
             os.replace(tmp, path)
-        except OSError as err:  # a full disk must not kill training through its watchdog
-            log.debug("could not write %s: %s", path, err)
+        except OSError as err:  # a full disk: the training loop raises it at its next log step
+            tmp.unlink(missing_ok=True)
+            storage.record_failure(path, err)
 
     def _read_heartbeats(self) -> dict[int, dict | None]:
         """Every rank's record, or None where it is missing, stale or from another attempt."""
@@ -242,7 +274,7 @@ class Watchdog:
         records: dict[int, dict | None] = {}
         for rank in range(self.env.world_size):
             try:
-                record = json.loads(heartbeat_path(self.run_dir, rank).read_text())
+                record = json.loads(self.run_dir.heartbeat(rank).read_text())
             except (OSError, ValueError):
                 record = None
             if record is not None and (record.get("written", 0) < fresh_after

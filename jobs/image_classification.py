@@ -14,6 +14,7 @@ no network and no torchvision, so it is the quickest check that a cluster works.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -21,40 +22,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddp.config import ConfigError
+from ddp.job import Job, Metrics
+from ddp.settings import ConfigError, setting
 from jobs import datasets, models
-from jobs.base import Job, Metrics
 
 
 class ImageClassification(Job):
     @dataclass(frozen=True)
     class Config:
-        model: str = "small_cnn"  # small_cnn, small_mlp, resnet18, resnet50 or any torchvision.models name
-        pretrained: bool = False  # torchvision's default weights (downloaded on rank 0)
-        dataset: Literal["digits", "fake", "imagefolder", "cifar10", "mnist"] = "digits"
-        data_dir: Optional[str] = None  # imagefolder: data_dir/{train,val}/<class>/<image>; cifar10/mnist: root
-        download: bool = False  # cifar10/mnist: fetch into data_dir (needs network access)
-        num_classes: Optional[int] = None  # default: the dataset's
-        image_size: Optional[int] = None  # default: 224 for imagefolder, 32 for fake, native otherwise
-        fake_size: int = 512  # fake: training samples (validation: a quarter of that)
-        augment: bool = True
-        label_smoothing: float = 0.0
-        mixup_alpha: float = 0.0  # 0: off; else lambda ~ Beta(alpha, alpha)
-        val_fraction: float = 0.2  # digits: held out with a fixed seed, the same for every run
+        model: str = setting("small_cnn", "small_cnn, small_mlp, resnet18, resnet50 or any torchvision.models name")
+        pretrained: bool = setting(False, "torchvision's default weights (downloaded once, on rank 0)")
+        dataset: Literal["digits", "fake", "imagefolder", "cifar10", "mnist"] = setting(
+            "digits", "digits (scikit-learn's bundled 1,797 8x8 digits), fake (torchvision FakeData), "
+                      "imagefolder, cifar10, mnist")
+        data_dir: Optional[str] = setting(None, "imagefolder: a folder with train/<class>/<image> and "
+                                                "val/<class>/<image>; cifar10/mnist: their root", path=True)
+        download: bool = setting(False, "cifar10/mnist: download into data_dir (needs a network)")
+        num_classes: Optional[int] = setting(None, "override the dataset's number of classes", at_least=1)
+        image_size: Optional[int] = setting(None, "override the image size (224 for imagefolder, 32 for fake, "
+                                                  "native otherwise)", at_least=1, at_most=4096)
+        fake_size: int = setting(512, "fake: training samples (validation: a quarter of that)", at_least=1)
+        augment: bool = setting(True, "random crops and flips (translation for digits) on the training set")
+        label_smoothing: float = setting(0.0, "label smoothing of the training loss", at_least=0, below=1)
+        mixup_alpha: float = setting(0.0, "mixup with Beta(alpha, alpha); 0: off", at_least=0)
+        val_fraction: float = setting(0.2, "digits: the share held out for validation (a fixed split)",
+                                      at_least=0, below=1)
 
-        def __post_init__(self):
-            if not 0 <= self.label_smoothing < 1:
-                raise ConfigError(f"job.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-            if self.mixup_alpha < 0:
-                raise ConfigError(f"job.mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha}")
-            if not 0 <= self.val_fraction < 1:
-                raise ConfigError(f"job.val_fraction must be in [0, 1), got {self.val_fraction}")
-            if self.fake_size < 1:
-                raise ConfigError(f"job.fake_size must be at least 1, got {self.fake_size}")
-            for key in ("num_classes", "image_size"):
-                value = getattr(self, key)
-                if value is not None and value < 1:
-                    raise ConfigError(f"job.{key} must be a positive integer or null, got {value}")
+    @classmethod
+    def preflight(cls, config: "ImageClassification.Config") -> None:
+        """The data's folders, where it is cheap to look (not the images): the most common mistake,
+        found here in a second rather than after every worker started."""
+        try:
+            datasets.describe(config.dataset, data_dir=config.data_dir, num_classes=config.num_classes,
+                              image_size=config.image_size)
+            if config.dataset == "imagefolder":
+                _check_image_folders(config.data_dir)
+        except datasets.DatasetError as err:
+            raise ConfigError(str(err)) from None
 
     def data_spec(self) -> datasets.DataSpec:
         """Input channels, number of classes and image size (cheap: reads no images)."""
@@ -101,3 +105,26 @@ class ImageClassification(Job):
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")  # no smoothing: the plain loss
         correct = (logits.argmax(dim=1) == labels).sum()
         return {"accuracy": (correct, len(labels)), "loss": (loss_sum, len(labels))}
+
+
+def _check_image_folders(data_dir: str) -> None:
+    """Every class folder of train/ holds an image, and val/ holds one somewhere (as the builder requires)."""
+    extensions = datasets.IMAGE_EXTENSIONS
+
+    def has_image(folder: str) -> bool:
+        for _, _, files in os.walk(folder, followlinks=True):  # stops at the first image found
+            if any(name.lower().endswith(extensions) for name in files):
+                return True
+        return False
+
+    train, val = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    empty = [entry.name for entry in sorted(os.scandir(train), key=lambda e: e.name)
+             if entry.is_dir() and not entry.name.startswith(".") and not has_image(entry.path)]
+    if empty:
+        where = ", ".join(os.path.join(train, name) for name in empty)
+        raise datasets.DatasetError(
+            f"class folder{'s' if len(empty) > 1 else ''} {where} ha{'ve' if len(empty) > 1 else 's'} no images "
+            f"(classes: {', '.join(empty)}); add images ({', '.join(extensions)}) or remove the folder")
+    if not has_image(val):
+        raise datasets.DatasetError(f"{val} has no images; put them in {os.path.join(val, '<class>', '<image>')} "
+                                    f"with extensions {', '.join(extensions)}")

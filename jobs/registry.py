@@ -1,23 +1,27 @@
-"""Finding the job a config names: a built-in name, ``package.module:Class`` or ``path/to/file.py:Class``."""
+"""Finding the job a config names: a built-in name, ``package.module:Class`` or ``path/to/file.py:Class``.
+
+The launcher and the workers look jobs up here, by name; the core never does (it
+is handed a job). Relative file paths are resolved when a run is created
+(``resolve_paths``), so a run's saved config names its job absolutely and
+resumes from any working directory.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
-from ddp.config import ConfigError, build
 from ddp.env import DistEnv
-from jobs.base import Job
+from ddp.job import Job, JobError
+from ddp.settings import ConfigError, build, rule_of
 
 BUILTIN = {
     "image_classification": "jobs.image_classification:ImageClassification",
 }
-
-
-class JobError(RuntimeError):
-    """The job could not be found or constructed."""
 
 
 def resolve(name: str) -> type[Job]:
@@ -31,8 +35,9 @@ def resolve(name: str) -> type[Job]:
     except ConfigError:
         raise
     except ModuleNotFoundError as err:
-        raise ConfigError(f"job.name {name!r}: cannot import {module_name} ({err}); is the package installed "
-                          "or on PYTHONPATH?") from None
+        raise ConfigError(f"job.name {name!r}: cannot import {module_name} ({err}); run from the folder that "
+                          "holds the package (it is put on the path), install it, or add its folder to "
+                          "PYTHONPATH; or give path/to/file.py:Class") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Job)):
         raise ConfigError(f"job.name {name!r}: {module_name} has no Job subclass named {class_name}")
@@ -53,7 +58,7 @@ def _import_file(path_text: str):
     return module
 
 
-def job_config(section: dict):
+def job_config(section: dict) -> tuple[type[Job], Any]:
     """The job class and its validated config from the config's ``job:`` section."""
     section = dict(section)
     name = section.pop("name", None)
@@ -70,3 +75,31 @@ def make_job(section: dict, env: DistEnv) -> Job:
     except Exception as err:  # noqa: BLE001 - a user's constructor can raise anything
         raise JobError(f"job {cls.__module__}.{cls.__qualname__} failed in its constructor: "
                        f"{type(err).__name__}: {err}") from err
+
+
+def resolve_paths(section: dict, base: Path) -> dict:
+    """The ``job:`` section with a relative job file and the job's path keys made absolute against ``base``.
+
+    Only the keys present are touched, so values from the file and from the command line can be
+    resolved against different bases (the config file's folder; the working directory).
+    """
+    out = dict(section)
+    name = out.get("name")
+    if isinstance(name, str) and name not in BUILTIN:
+        module_name, sep, class_name = name.rpartition(":")
+        if sep and module_name.endswith(".py") and not Path(module_name).expanduser().is_absolute():
+            out["name"] = f"{(base / Path(module_name).expanduser()).resolve()}:{class_name}"
+    return out
+
+
+def path_keys(cls: type[Job]) -> list[str]:
+    """The keys of a job's config declared as paths (``setting(..., path=True)``)."""
+    return [f.name for f in dataclasses.fields(cls.Config) if (rule := rule_of(f)) is not None and rule.path]
+
+
+def absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str((base / Path(value).expanduser()).resolve())
+    if isinstance(value, str) and value.startswith("~"):
+        return str(Path(value).expanduser())
+    return value

@@ -1,8 +1,15 @@
-"""What each worker process runs: ``python -m launcher.worker RUN_DIR``.
+"""What each worker of a config run runs: ``python -P -m launcher.worker RUN_DIR``.
 
-torchrun's agent (or SLURM, or ``launch debug`` in-process) sets the
-environment; the config is the run directory's ``config.yaml``, so every
-worker trains exactly what the launcher validated and saved.
+torch's elastic agent (``launch local``) sets the environment; the config is
+the run directory's ``config.yaml``, so every worker trains exactly what the
+launcher validated and saved. Pasted from a dry run under plain ``torchrun``,
+``python -m launcher.worker --config CONFIG [KEY=VALUE ...]`` loads the config
+itself.
+
+The worker ends with the process that started it (no orphans after a
+``kill -9`` of ``launch``), ignores stop signals once training has returned,
+and exits with ``os._exit``: at a normal exit, multiprocessing would wait for
+the loader processes, which an error can leave waiting for work.
 """
 
 from __future__ import annotations
@@ -14,38 +21,68 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from ddp.codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_RESUMABLE
 from ddp.config import load_config
 from ddp.env import read_env
-from ddp.signals import EXIT_RESUMABLE
+from ddp.layout import RunDir
+from ddp.process import die_with_parent
+from ddp.signals import ignore_stop_signals
 from ddp.trainer import run_training
+from jobs.registry import make_job
 
 
-@record  # writes the traceback where torchrun's agent finds it, to name the root cause
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    run_dir = Path(argv[0])
-    config = load_config(run_dir / "config.yaml")
-    outcome = run_training(config, run_dir, read_env())
-    return EXIT_RESUMABLE if outcome.status == "stopped" else 0
+def standalone_run_dir(argv: list[str]) -> RunDir:
+    """``--config CONFIG [KEY=VALUE ...]``: the run directory, its config.yaml written by rank 0 if new."""
+    from launcher import configs
+    from launcher.runs import write_text_atomic
+
+    loaded = configs.load(argv[1], argv[2:], cwd=Path.cwd())
+    run_dir = loaded.run_dir
+    env = read_env()
+    if env.is_main and not run_dir.config.is_file():
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        from ddp.config import dump_yaml
+
+        write_text_atomic(run_dir.config, dump_yaml(loaded.config))
+    return run_dir
 
 
-if __name__ == "__main__":
-    code, failure = 1, None
+@record  # writes the error where torch's elastic agent finds it, to name the root cause
+def main(argv: list[str]) -> int:
+    run_dir = standalone_run_dir(argv) if argv[0] == "--config" else RunDir(argv[0])
+    if argv[0] == "--config":
+        import time
+
+        while not run_dir.config.is_file():
+            time.sleep(0.1)
+    config = load_config(run_dir.config)
+    env = read_env()
+    outcome = run_training(config, run_dir, env, make_job(config.job, env))
+    return EXIT_RESUMABLE if outcome.status == "stopped" else EXIT_OK
+
+
+def run(argv: list[str]) -> int:
+    if os.environ.get("LAUNCH_PID", "").isdigit():
+        die_with_parent(int(os.environ["LAUNCH_PID"]))
+    sys.path.insert(0, os.getcwd())  # the user's job modules (our packages are imported already)
+    code, failure = EXIT_FAILURE, None
     try:
-        code = main()
-    except Exception as err:  # noqa: BLE001 - already in the rank's log, with its traceback
+        code = main(argv)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        code = EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - in the rank's log already, with its traceback
         failure = f"{type(err).__name__}: {err}"
-    if failure is None:
-        sys.exit(code)
-    # Under torch's elastic agent, @record has handed the error to `launch`, which prints
-    # the root cause once; a traceback per rank on the terminal would bury it.
-    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
-        print(f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '?'))}] error: {failure} "
-              f"(traceback in {Path(sys.argv[1]) / 'logs'})", file=sys.stderr)
-    # Not sys.exit: at exit, multiprocessing joins the DataLoader's worker processes, which an
-    # error can leave waiting for work (they ignore SIGTERM), so the worker would never end.
-    # Loader workers notice that their parent is gone and end by themselves.
+    ignore_stop_signals()
+    if failure is not None and "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        # Under torch's agent, @record has handed the error to `launch`, which prints the root cause
+        # once; elsewhere (SLURM, plain torchrun) one line here.
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
+        print(f"[rank {rank}] error: {failure} (traceback in {Path(argv[-1]).parent / 'logs'})", file=sys.stderr)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    return code
+
+
+if __name__ == "__main__":
+    os._exit(run(sys.argv[1:]))
