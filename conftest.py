@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.slurm_fixtures"]
+pytest_plugins = ["tests.support.slurm_cluster"]

@@ -4,18 +4,19 @@ With one process nothing is initialised and every helper degrades to the
 identity, so the same training code runs alone or in many processes without
 ``if distributed:`` branches (as in detectron2's ``comm``).
 
-Rank 0 hosts the process group's store itself, listening on the master
-address only (loopback for a single-node run), not on every interface as
-torch's own store does: the store has no authentication, so it should be
-reachable only where the job's ranks are. torch then reuses that store
-(``multi_tenant``), also for a user's script that calls
-``init_process_group`` itself.
+The process group's store listens on the master address only (loopback for a
+single-node run), not on every interface as torch's own store does: it has no
+authentication, so it should be reachable only where the job's ranks are.
+Under ``launch`` the agent (or the SLURM task of rank 0) hosts it and the
+workers connect (``TORCHELASTIC_USE_AGENT_STORE``); otherwise rank 0 hosts
+it here, and torch reuses it (``multi_tenant``).
 """
 
 from __future__ import annotations
 
 import datetime
 import errno
+import os
 import ipaddress
 import logging
 import socket
@@ -75,14 +76,16 @@ def bind_address(host: str) -> str | None:
     return None
 
 
-def host_store(env: DistEnv, timeout_s: float) -> bool:
+def host_store(env: DistEnv, timeout_s: float, *, for_workers: bool = False) -> bool:
     """On rank 0: host the job's TCPStore on ``master_addr:master_port``, listening on that address only.
 
     Returns whether it did; when it cannot (the port is taken, e.g. by torchrun's own
     shared store, or the address is not this machine's), torch's default applies.
+    ``for_workers``: hosted by a launcher process for the workers it starts (a SLURM task).
     """
-    if not env.distributed or env.rank != 0 or _hosted:
-        return bool(_hosted)
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not for_workers
+    if not env.distributed or env.rank != 0 or _hosted or agent_hosts:
+        return bool(_hosted)  # hosted already, here or by the launcher (which outlives the workers)
     address = bind_address(env.master_addr)
     if address is None:
         return False

@@ -5,9 +5,6 @@ TARGET ARGS``) would run it: ``__main__``, ``sys.argv``, and the script's
 folder first on ``sys.path``. Around it, what torchrun leaves out:
 
 * the worker ends with the ``launch`` that started it (no orphans after ``kill -9``);
-* with several ranks, rank 0 hosts the process group's store on the master
-  address only (torch's own listens on every interface); the script's
-  ``init_process_group`` finds and uses it;
 * an exception is written where the agent reports the root cause (as
   ``@record`` does), with the traceback also in ``logs/rank_N.log``;
 * under ``launch local``, stderr joins stdout in the rank's log file.
@@ -31,11 +28,6 @@ def main(argv: list[str]) -> int:
         os.dup2(1, 2)
     module = argv[0] == "-m"
     target, args = (argv[1], argv[2:]) if module else (argv[0], argv[1:])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        from ddp.distributed import host_store
-        from ddp.env import read_env
-
-        host_store(read_env(), timeout_s=1800)
     from torch.distributed.elastic.multiprocessing.errors import record
 
     @record

@@ -30,7 +30,9 @@ def command_local(options, target: Target) -> int:
         run = load_config_target(target, cwd)
         configs.preflight(run)
         plan = plan_local(request, machine_facts(visible_gpus()), run_dir=run.run_dir.path,
-                          entry=Entry("config", str(run.run_dir.path)), config_device=run.config.train.device)
+                          entry=Entry("config", str(run.run_dir.path),
+                                      source=(str((cwd / target.name).resolve()), *target.rest)),
+                          config_device=run.config.train.device)
         if options.dry_run:
             print("# resolved config")
             print(dump_yaml(run.config))

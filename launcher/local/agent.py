@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerSpec, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, LogsDest, Std
-from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousInfo, RendezvousParameters
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 
@@ -198,28 +198,81 @@ def _rotate(path: Path, keep: int) -> None:
         path.replace(path.with_name(f"{path.name}.1"))
 
 
-def rendezvous_handler(plan: LocalPlan):
+def listening_store(host: str, bind: str, port: int, timeout_s: float = 60) -> tuple[dist.TCPStore, socket.socket]:
+    """A TCPStore server on ``bind:port`` only (torch's own listens on every interface)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((bind, port))
+        listener.listen(4096)
+        store = dist.TCPStore(host, port, is_master=True, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False, master_listen_fd=listener.fileno())
+    except BaseException:
+        listener.close()
+        raise
+    return store, listener
+
+
+class RoundStores(RendezvousHandler):
+    """torch's c10d rendezvous, with each round's process-group store hosted by the agent of node 0.
+
+    The workers of a round connect to it (``TORCHELASTIC_USE_AGENT_STORE``) instead of rank 0
+    hosting one: it outlives every worker (a worker's store going away while its peers still
+    shut down aborts them), listens on ``bind_host`` only, and is new for every round, so
+    restarted workers never meet their predecessors' keys (pytorch/pytorch#135712).
+    """
+
+    def __init__(self, inner: RendezvousHandler, bind_host: str, keep: list):
+        self.inner, self.bind_host, self._keep = inner, bind_host, keep
+        self._round: tuple | None = None
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        info = self.inner.next_rendezvous()
+        self._round = None  # the previous round's store closes
+        if info.rank == 0:
+            bootstrap = info.bootstrap_store_info
+            self._round = listening_store(bootstrap.master_addr, self.bind_host, bootstrap.master_port)
+        return info
+
+    @property
+    def use_agent_store(self) -> bool:
+        return True
+
+    def get_backend(self) -> str:
+        return self.inner.get_backend()
+
+    def is_closed(self) -> bool:
+        return self.inner.is_closed()
+
+    def set_closed(self):
+        return self.inner.set_closed()
+
+    def num_nodes_waiting(self) -> int:
+        return self.inner.num_nodes_waiting()
+
+    def get_run_id(self) -> str:
+        return self.inner.get_run_id()
+
+    def shutdown(self) -> bool:
+        return self.inner.shutdown()
+
+
+def rendezvous_handler(plan: LocalPlan) -> RoundStores:
     """torch's c10d rendezvous, its store listening on ``plan.bind_host`` only. The first agent to bind the
     endpoint hosts the store; the others connect to it."""
     host, port = parse_endpoint(plan.rdzv_endpoint)
     params = RendezvousParameters(backend="c10d", endpoint=plan.rdzv_endpoint, run_id=plan.rdzv_id,
                                   min_nodes=plan.min_nodes, max_nodes=plan.max_nodes, local_addr=plan.bind_host,
                                   **RENDEZVOUS)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    keep: list = []
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((plan.bind_host if plan.single_node else socket.gethostbyname(host), port))
-        listener.listen(4096)
-        store = dist.TCPStore(host, port, is_master=True, timeout=timedelta(seconds=60), wait_for_workers=False,
-                              master_listen_fd=listener.fileno())
-        keep = [listener]
+        bind = plan.bind_host if plan.single_node else socket.gethostbyname(host)
+        store, listener = listening_store(host, bind, port)
+        keep.append(listener)
     except OSError:  # another agent hosts it (or the endpoint is another machine's)
-        listener.close()
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=60))
-        keep = []
-    handler = create_handler(store, C10dRendezvousBackend(store, plan.rdzv_id), params)
-    handler._launcher_keepalive = (store, keep)  # the listening socket lives as long as the handler
-    return handler
+    return RoundStores(create_handler(store, C10dRendezvousBackend(store, plan.rdzv_id), params), plan.bind_host,
+                       keep + [store])
 
 
 @contextmanager
@@ -243,9 +296,8 @@ def run_local(plan: LocalPlan) -> int:
     variables = {
         **plan.environment,
         "LAUNCH_PID": str(os.getpid()),  # the workers end with this process (no orphans)
-        # Restarted workers must not meet their predecessors' keys in a shared store (torch >= 2.5 shares
-        # the agent's store with every attempt: pytorch/pytorch#135712); each round gets its own.
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1"),
+        # torch's own shared store is off: RoundStores hosts a new one for each round (see there).
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         # torch's process context handles only these itself; launch handles the stop signals.
         "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT",
     }

@@ -28,6 +28,7 @@ class Entry:
     kind: str  # "config", "script" or "module"
     target: str  # the run directory, the script's absolute path, or the module's name
     args: tuple[str, ...] = ()
+    source: tuple[str, ...] = ()  # a config run: the config file and its overrides (for a torchrun line)
 
     def argv(self) -> list[str]:
         """The worker's command line (through our wrapper, which adds no-orphan, logs and the root cause)."""
@@ -39,7 +40,7 @@ class Entry:
     def plain_argv(self) -> list[str]:
         """What torchrun would be given to run the same thing by hand."""
         if self.kind == "config":
-            return ["-m", "launcher.worker", self.target]
+            return ["-m", "launcher.worker", *(("--config", *self.source) if self.source else (self.target,))]
         return ["-m", self.target, *self.args] if self.kind == "module" else [self.target, *self.args]
 
 
@@ -126,7 +127,7 @@ class LocalPlan:
         return "\n".join(lines + [f"warning        {text}" for text in self.warnings])
 
     def torchrun_prefix(self) -> list[str]:
-        return [f"{key}={value}" for key, value in sorted(self.environment.items())]
+        return [f"{key}={value}" for key, value in sorted(self.environment.items()) if key != "LAUNCH_RUN_DIR"]
 
     def record(self) -> dict:
         data = asdict(self)
@@ -137,7 +138,8 @@ class LocalPlan:
     def from_record(cls, data: dict) -> "LocalPlan":
         data = dict(data)
         data["run_dir"] = Path(data["run_dir"])
-        data["entry"] = Entry(**{**data["entry"], "args": tuple(data["entry"].get("args", ()))})
+        data["entry"] = Entry(**{**data["entry"], "args": tuple(data["entry"].get("args", ())),
+                                 "source": tuple(data["entry"].get("source", ()))})
         data["warnings"] = tuple(data.get("warnings", ()))
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in fields})

@@ -90,7 +90,8 @@ class SlurmPlan:
     @classmethod
     def from_record(cls, data: dict) -> "SlurmPlan":
         data = {key: value for key, value in data.items() if key in {f.name for f in dataclasses.fields(cls)}}
-        data["elements"] = tuple(Element(Path(e["run_dir"]), Entry(**{**e["entry"], "args": tuple(e["entry"]["args"])}))
+        data["elements"] = tuple(Element(Path(e["run_dir"]), Entry(**{**e["entry"], "args": tuple(e["entry"]["args"]),
+                                                                       "source": tuple(e["entry"].get("source", ()))}))
                                  for e in data["elements"])
         data["folder"] = Path(data["folder"])
         data["warnings"] = tuple(data.get("warnings", ()))

@@ -90,7 +90,6 @@ def torchrun_environment(environ, port: int, max_requeues: int) -> dict[str, str
         "ROLE_NAME": "default", "MASTER_ADDR": expand_nodelist(nodelist)[0], "MASTER_PORT": str(port),
         "TORCHELASTIC_RESTART_COUNT": environ.get("SLURM_RESTART_COUNT", "0") or "0",
         "TORCHELASTIC_MAX_RESTARTS": str(max_requeues), "TORCHELASTIC_RUN_ID": job_id_of(environ),
-        "TORCHELASTIC_USE_AGENT_STORE": "False",
     }
 
 
@@ -161,6 +160,7 @@ class SlurmTask:
         os.environ.update(torchrun_environment(environ, rendezvous_port(run_dir, job_id, restart, is_main),
                                                self.max_requeues))
         os.environ["LAUNCH_RUN_DIR"] = str(run_dir.path)
+        self._host_store()
         lock = None
         if is_main:
             lock = RunLock(run_dir.lock, Owner.of_this_process("slurm", job_id=job_id,
@@ -184,6 +184,7 @@ class SlurmTask:
             raise
         finally:
             signal_ignore_stops()
+            self._all_done()
             if lock is not None:
                 lock.release()
         if summary["status"] != "stopped":
@@ -191,6 +192,37 @@ class SlurmTask:
                         epoch=summary.get("epoch"))
             return summary
         return self._after_stop(is_main, job_id, restart, summary)
+
+    # -- the process group's store ------------------------------------------------------------------
+
+    def _host_store(self) -> None:
+        """Rank 0's task hosts the store the workers connect to, on its node's address only; it outlives
+        them all (``_all_done``), so no worker loses it while its peers are still shutting down."""
+        from ddp.distributed import host_store
+        from ddp.env import read_env
+
+        host_store(read_env(), timeout_s=1800, for_workers=True)
+        os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # the workers connect to it, as to torchrun's agent
+
+    def _all_done(self, timeout_s: float = 60) -> None:
+        """Every task says it is done; rank 0's waits for all of them before it ends (and its store with it)."""
+        import datetime
+
+        import torch.distributed as dist
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world < 2:
+            return
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=timeout_s))
+            done = store.add("launch/tasks_done", 1)
+            deadline = time.time() + timeout_s
+            while os.environ.get("RANK") == "0" and done < world and time.time() < deadline:
+                time.sleep(0.2)
+                done = store.add("launch/tasks_done", 0)
+        except Exception as err:  # noqa: BLE001 - a lost peer: nothing to wait for
+            print(f"launch: not waiting for the other tasks: {err}", file=sys.stderr, flush=True)
 
     # -- running the worker --------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Pytest plugin: a real two-node SLURM cluster (nodes n1, n2) for the test session.
 
-Load it from the top-level conftest.py with ``pytest_plugins = ["tests.slurm_fixtures"]``.
+Load it from the top-level conftest.py with ``pytest_plugins = ["tests.support.slurm_cluster"]``.
 
 It provides:
 
@@ -32,7 +32,7 @@ from typing import Iterator
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "scripts" / "slurm_cluster.sh"
 DEFAULT_RUNDIR = Path("/tmp/launcher-slurm")
 
@@ -76,14 +76,6 @@ class SlurmCluster:
             parts.append(f"----- {path} (last {lines} lines)")
             parts.extend(text[-lines:])
         return "\n".join(parts)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "slurm: needs the local two-node SLURM cluster (fixture slurm_cluster; "
-        "scripts/slurm_cluster.sh, root)",
-    )
 
 
 def _flag(name: str) -> bool:
