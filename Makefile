@@ -1,12 +1,18 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv, install, and train the demo on 2 CPU workers (or every GPU)
-#   make test   create .venv, install, and run the whole test suite
+#   make test   create .venv, install, and run the whole test suite (a real SLURM cluster included, as root)
+# For contributors:
+#   make test-fast   the unit tier only (under 30 s)
+#   make lint        ruff: lint and format check
+#   make bench       the benchmarks (prints figures; never fails on a slow machine)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Two pytest workers: most tests wait on processes, not on a core. SLURM tests share one worker.
+PYTEST_ARGS ?= -q
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -20,10 +26,20 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m unit -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+gpu-check: $(STAMP)
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs

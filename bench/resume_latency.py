@@ -1,7 +1,7 @@
 """Benchmark: time from ``launch`` to the first training step, resumed against fresh.
 
 Both sides are ``launch ... --cpu --nproc 2`` in a terminal, training the test
-job (tests/jobs_for_tests.py) with a 100 MB frozen parameter, so the checkpoint
+job (tests/support/job.py) with a 100 MB frozen parameter, so the checkpoint
 is ~100 MB. The baseline is a fresh run's time from the command's start to its
 first step (as metrics.jsonl records it, logging every step). Ours is the time
 from ``launch resume RUN_DIR`` of that run to its first step after the resume:
@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.harness import BenchError, Scratch, compare, launch_command, rounds_from_env, run_in_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB = f"{ROOT / 'tests' / 'jobs_for_tests.py'}:FaultJob"
+JOB = f"{ROOT / 'tests' / 'support' / 'job.py'}:TestJob"
 BALLAST_MB = 100
 TARGET = 1.2
 

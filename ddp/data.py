@@ -17,6 +17,8 @@ Loader processes start from a fork server by default (``data.start_method``),
 not by forking the training process: a fork while another thread of it (gloo's,
 the checkpoint writer, the watchdog) holds an interpreter lock leaves the child
 deadlocked for ever (seen as a rare silent hang before the first step).
+A scheduler's stop signal reaches every process of a job step, so those
+processes start with the stop signals blocked (``LoaderWithHelpers``).
 """
 
 from __future__ import annotations
@@ -24,15 +26,20 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
+import os
 import random
 import signal
+from contextlib import contextmanager
+from multiprocessing import resource_tracker
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, get_worker_info
 
-from ddp.process import die_with_parent
+from ddp import file_modules
+from ddp.process import die_with, die_with_parent
 from ddp.transfer import count_samples
 
 
@@ -128,6 +135,12 @@ class PerSampleSeeded(Dataset):
         self.dataset, self.seed = dataset, seed
         self._without_randomness = type(dataset) is TensorDataset
 
+    def __reduce__(self):
+        # Sent to a loader process: the modules loaded from a file (a job's own dataset class) must be
+        # importable there before the dataset is unpickled (ddp.file_modules); tensors still go by
+        # shared memory (multiprocessing's pickler, with torch's reducers).
+        return _rebuild_seeded, (bytes(ForkingPickler.dumps(self.dataset)), self.seed)
+
     def __len__(self) -> int:
         return len(self.dataset)
 
@@ -156,14 +169,22 @@ class PerSampleSeeded(Dataset):
         return items
 
 
+def _rebuild_seeded(dataset: bytes, seed: int) -> PerSampleSeeded:
+    file_modules.install()
+    return PerSampleSeeded(ForkingPickler.loads(dataset), seed)
+
+
 class WorkerSeeder:
     """``worker_init_fn``: a distinct, reproducible seed per (seed, rank, worker)."""
 
     def __init__(self, seed: int, rank: int):
         self.seed, self.rank = seed, rank
+        self.trainer_pid = os.getpid()  # made in the training process
 
     def __call__(self, worker_id: int) -> None:
-        die_with_parent()  # a training process killed with -9 takes its loader processes along
+        die_with_parent()  # a training process killed with -9 takes its loader processes along,
+        if os.getppid() != self.trainer_pid:
+            die_with(self.trainer_pid)  # also those a fork server started (the fork server's children)
         _seed_all(self.seed + 1_000 * self.rank + worker_id)
         torch.set_num_threads(1)  # workers compete with the trainer for cores
         # A stop signal (a scheduler's, sent to every process of a job step; Ctrl-C, to the
@@ -174,6 +195,40 @@ class WorkerSeeder:
 
 
 START_METHODS = ("forkserver", "spawn", "fork")
+HELD_SIGNALS = {signal.SIGTERM, signal.SIGUSR2, signal.SIGINT}
+
+
+@contextmanager
+def stop_signals_held():
+    """Stop signals wait (they are not lost: they arrive on leaving) while loader processes start.
+
+    SLURM sends SIGTERM (scancel, preemption) and SIGUSR2 (the time-limit warning) to every
+    process of a job step. The processes a loader starts inherit the signal mask, through exec
+    too: its workers, and multiprocessing's fork server and resource tracker, which ignore
+    SIGINT (and the tracker SIGTERM) but nothing else. A fork server killed by the signal takes
+    every worker it forked along, and the training process then fails with "DataLoader worker
+    exited unexpectedly" instead of saving a checkpoint.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        resource_tracker.ensure_running()  # if it starts now, it unblocks SIGINT and SIGTERM behind it
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class LoaderWithHelpers(DataLoader):
+    """A ``DataLoader`` whose processes start with the stop signals held (``stop_signals_held``)."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        with stop_signals_held():
+            return super()._get_iterator()
 
 
 def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, *, seed: int, rank: int,
@@ -188,7 +243,7 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, *, seed: in
     # or a resumed run (which creates it at another moment) would drift from an uninterrupted one.
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(
+    return LoaderWithHelpers(
         PerSampleSeeded(dataset, seed),
         generator=generator,
         batch_size=batch_size,

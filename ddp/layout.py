@@ -16,6 +16,7 @@ here; none spells a file name of its own.
       restarts.jsonl       one line per restart or membership change of the workers
       resumes.jsonl        one line per `launch resume RUN_DIR KEY=VALUE` change
       tensorboard/         the scalars of metrics.jsonl, for TensorBoard
+      abandoned-STAMP/     an earlier run's files, moved aside when it was started over
       checkpoints/         step_NNNNNNNN.pt (+ .done), last.pt, best.pt
       logs/                rank_N.log of every rank; heartbeat_rank_N.json of the watchdog
       slurm/ slurm.json slurm_events.jsonl    a SLURM run's scripts, task logs, jobs, events
@@ -33,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,12 +86,28 @@ class RunDir:
         """Where rank 0 of a SLURM job publishes the port it chose for the process group."""
         return self.slurm_folder / f"rendezvous_{job_id}_{restart}.json"
 
-    def abandoned_checkpoints(self, stamp: str) -> Path:
-        """Where the checkpoints of a run started over (``checkpoint.resume=false``) are moved."""
-        return self.path / f"checkpoints.abandoned-{stamp}"
+    def abandoned(self, stamp: str) -> Path:
+        """Where the checkpoints, metrics and state of a run started over (``checkpoint.resume=false``) go."""
+        return self.path / f"abandoned-{stamp}"
+
+    def abandon(self, stamp: str) -> Path | None:
+        """Move an earlier run's checkpoints, metrics, TensorBoard files and state aside; None if there were none."""
+        if not list_step_checkpoints(self.checkpoints) and not self.metrics.exists():
+            return None
+        target = self.abandoned(stamp)
+        target.mkdir(parents=True, exist_ok=True)
+        for path in (self.checkpoints, self.metrics, self.tensorboard, self.state):
+            if path.exists():
+                path.rename(target / path.name)
+        self.checkpoints.mkdir()  # the new run's, empty
+        return target
 
     def exists(self) -> bool:
         return self.config.is_file()
+
+    def command(self, verb: str, *args: str) -> str:
+        """A ``launch VERB RUN_DIR ARGS`` command to suggest in a message, shell-quoted for pasting."""
+        return shlex.join(["launch", verb, str(self.path), *args])
 
 
 class SweepDir:

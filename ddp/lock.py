@@ -77,7 +77,7 @@ class Owner:
 
     @classmethod
     def of_this_process(cls, kind: str, **details) -> "Owner":
-        command = details.pop("command", None) or shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+        command = details.pop("command", None) or shlex.join(sys.argv)
         return cls(kind=kind, command=command, start_ticks=process_start_ticks(os.getpid()), **details)
 
     def describe(self) -> str:
@@ -87,7 +87,7 @@ class Owner:
 
     def how_to_stop(self, run_dir: Path) -> str:
         if self.job_id:
-            return f"stop it with `launch cancel {shlex.quote(str(run_dir))}`"
+            return f"stop it with `{shlex.join(['launch', 'cancel', str(run_dir)])}`"
         where = "" if self.host == socket.gethostname() else f" on {self.host}"
         return f"stop it with `kill -TERM {self.pid}`{where} (it saves a checkpoint and exits 75)"
 

@@ -233,7 +233,8 @@ def write_environment(run_dir: RunDir, env: DistEnv, device, backend: str, hostn
         "backend": backend if env.distributed else None,
         "world_size": env.world_size,
         "nnodes": env.nnodes,
-        "launched_by": env.source,
+        # Who started the run: `launch slurm`'s tasks give the workers torchrun's variables, and say so.
+        "launched_by": os.environ.get("LAUNCH_LAUNCHED_BY") or env.source,
         "restart_count": env.restart_count,
         "hostnames": hostnames,
         "git_revision": code_revision(),

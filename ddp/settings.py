@@ -276,8 +276,10 @@ def declared(cls: type, prefix: str) -> list[Documented]:
             continue
         rule = rule_of(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        options = [o for o in get_args(hint) if o is not type(None)] if get_origin(hint) in (Union, types.UnionType) else [hint]
-        kind = " or ".join(type_name(o) for o in options) + (" or null" if len(options) < len(get_args(hint)) else "")
+        union = get_origin(hint) in (Union, types.UnionType)
+        options = [o for o in get_args(hint) if o is not type(None)] if union else [hint]
+        nullable = union and type(None) in get_args(hint)
+        kind = " or ".join(type_name(o) for o in options) + (" or null" if nullable else "")
         rows.append(Documented(f"{prefix}{f.name}", kind, default, rule.range_text() if rule else "",
                                rule.doc if rule else ""))
     return rows

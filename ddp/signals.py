@@ -54,18 +54,18 @@ class StopRequest:
             signal.signal(signum, handler)
         self._previous.clear()
 
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
 
 def ignore_stop_signals() -> None:
     """Once training has returned or raised: a late stop signal must not turn a result into a kill."""
     if threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
-
-    def __enter__(self) -> "StopRequest":
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.uninstall()
 
 
 class StopVote:

@@ -73,6 +73,9 @@ PHASES = {
 # elastic launcher, which wraps every worker) is waiting for the other ranks.
 _COLLECTIVE_DIR = os.path.join("torch", "distributed", "")
 _LAUNCHER_DIR = os.path.join("torch", "distributed", "elastic", "")
+# DDP's own module calls its collectives from there (the buffer broadcast at the start of each
+# forward of a model with BatchNorm): a main thread whose innermost frame is in it waits too.
+_DDP_FILE = os.path.join("torch", "nn", "parallel", "distributed.py")
 
 
 def longest_limit(config: WatchdogConfig) -> float | None:
@@ -110,8 +113,17 @@ def _position(record: dict) -> tuple:
     return tuple(record.get("position") or (0, 0, 0))
 
 
-def verdict(records: dict[int, dict | None], world_size: int, waited_s: float) -> str:
-    """Who stalled and who waited, from every rank's heartbeat record (None: no recent heartbeat)."""
+def verdict(records: dict[int, dict | None], world_size: int, waited_s: float,
+            hosts: list[str] | None = None) -> str:
+    """Who stalled and who waited, from every rank's heartbeat record (None: no recent heartbeat).
+
+    ``hosts``: each rank's host, to name the node of a rank that sent nothing (a lost node).
+    """
+
+    def on(rank: int) -> str:
+        host = (records.get(rank) or {}).get("host") or (hosts[rank] if hosts and rank < len(hosts) else None)
+        return f" (on {host})" if host else ""
+
     live = {rank: rec for rank, rec in records.items() if rec is not None}
     silent = sorted(rank for rank in range(world_size) if records.get(rank) is None)
     candidates = {rank: rec for rank, rec in live.items() if not rec.get("in_collective")} or live
@@ -126,10 +138,10 @@ def verdict(records: dict[int, dict | None], world_size: int, waited_s: float) -
                      "that never completed (network, NCCL) or code that hangs on every rank")
     else:
         for rank in stalled:
-            parts.append(f"rank {rank} stalled {describe_position(live[rank])}")
+            parts.append(f"rank {rank}{on(rank)} stalled {describe_position(live[rank])}")
         for rank in silent:
-            parts.append(f"rank {rank} sent no heartbeat (its process is gone, or stuck without releasing "
-                         "the GIL)")
+            parts.append(f"rank {rank}{on(rank)} sent no heartbeat (its process or its node is gone, or it is "
+                         "stuck without releasing the GIL)")
         if waiting:
             where = sorted({describe_position(live[rank]) for rank in waiting})
             ranks = ", ".join(map(str, waiting))
@@ -143,7 +155,7 @@ def _main_thread_in_collective() -> bool:
     if frame is None:
         return False
     filename = frame.f_code.co_filename
-    return _COLLECTIVE_DIR in filename and _LAUNCHER_DIR not in filename
+    return (_COLLECTIVE_DIR in filename and _LAUNCHER_DIR not in filename) or filename.endswith(_DDP_FILE)
 
 
 @dataclass
@@ -159,8 +171,9 @@ class Watchdog:
     """``with Watchdog(...) as dog: ... dog.beat(step, "forward") ...``; does nothing when it is off."""
 
     def __init__(self, run_dir: RunDir | Path, env: DistEnv, config: WatchdogConfig = WatchdogConfig(),
-                 interval_s: float | None = None):
+                 interval_s: float | None = None, hostnames: list[str] | None = None):
         self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.hostnames = hostnames
         self.env, self.config = env, config
         self.log_file = self.run_dir.rank_log(env.rank)
         longest = longest_limit(config)
@@ -238,7 +251,7 @@ class Watchdog:
             self._arm_backstop(limit - silent_for)
             self._write_heartbeat()
             if silent_for > limit:
-                self._fire(verdict(self._read_heartbeats(), self.env.world_size, silent_for))
+                self._fire(verdict(self._read_heartbeats(), self.env.world_size, silent_for, self.hostnames))
             # Only a rank that is itself blocked looks at the others' files (thousands of ranks
             # reading each other's files every few seconds would load a shared file system).
             fired = self._fired_elsewhere() if silent_for > 2 * self.interval_s else None
@@ -290,7 +303,7 @@ class Watchdog:
         return None
 
     def _fire(self, message: str) -> None:
-        log_hint = f"; Python stacks of every thread in {self.run_dir / 'logs'}/rank_N.log"
+        log_hint = f"; Python stacks of every thread in {self.run_dir.logs}/rank_N.log"
         log.error("%s%s", message, log_hint)
         handle = self._stack_file
         handle.write(f"\n--- watchdog: stacks of every thread of rank {self.env.rank} (pid {os.getpid()}) ---\n")

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
+from ddp import file_modules
 from ddp.env import DistEnv
 from ddp.job import Job, JobError
 from ddp.settings import ConfigError, build, rule_of
@@ -48,14 +47,7 @@ def _import_file(path_text: str):
     path = Path(path_text).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"job.name: file not found: {path}")
-    module_name = f"_launcher_job_{path.stem}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return file_modules.load(path)
 
 
 def job_config(section: dict) -> tuple[type[Job], Any]:

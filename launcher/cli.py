@@ -188,6 +188,10 @@ def _print_overview() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if os.getcwd() not in sys.path:
+        # A job named package.module:Class imports from here, as the workers (which start here) do.
+        # Our own modules are imported already, so a ddp.py or jobs.py here cannot shadow them.
+        sys.path.insert(0, os.getcwd())
     try:
         parsed = parse(argv)
         from launcher import commands

@@ -15,11 +15,15 @@ from ddp.failure_text import is_consequence, split_error
 from ddp.layout import RunDir
 from launcher.errors import known_error_names
 
+NO_ERROR_FILE = "<N/A>"  # torch.distributed.elastic.multiprocessing.errors._NOT_AVAILABLE
+
 
 def failure_text(failure) -> str | None:
     """The error message a worker left (its error file, written by ``@record``), or None if it left none
     (torch's placeholder text then only says so)."""
-    if not getattr(failure, "error_file_data", None):
+    # torch marks a worker that left no error file with the error file "<N/A>" (and its error data with a
+    # placeholder "<NONE>" message); the message is then made up from the exit code ("Signal 9 ... received").
+    if getattr(failure, "error_file", NO_ERROR_FILE) == NO_ERROR_FILE or not getattr(failure, "error_file_data", None):
         return None
     message = failure.message
     if isinstance(message, dict):  # {"message": ..., "extraInfo": {"py_callstack": ...}}
@@ -51,7 +55,7 @@ def describe_failure(failures: dict, run_dir: RunDir | Path) -> str:
     if first.exitcode == EXIT_STALLED or name == "WatchdogTimeout":
         return "\n".join([f"error: {message}",
                           f"every worker was ended by the watchdog (exit code {EXIT_STALLED}); continue with "
-                          f"`launch resume {run_dir.path}` once the cause is fixed"])
+                          f"`{run_dir.command('resume')}` once the cause is fixed"])
     if name in known_error_names():
         return "\n".join([f"error: {message}",
                           f"(rank {rank} failed with {name}, exit code {first.exitcode}; its traceback is in "

@@ -84,7 +84,7 @@ def trained_differences(old: dict, new: dict) -> list[tuple[str, object, object]
 
 
 def resume_command(run_dir: RunDir, *changes: str) -> str:
-    return shlex.join(["launch", "resume", str(run_dir.path), *changes])
+    return run_dir.command("resume", *changes)
 
 
 @dataclass
@@ -119,8 +119,13 @@ class Claim:
         self.lock.release()
 
 
+def this_command() -> str:
+    """The command line that launched this, as the user would type it."""
+    return shlex.join(["launch", *sys.argv[1:]])
+
+
 def claim(run_dir: RunDir, *, kind: str, record: dict, config: Config | None = None, owner: Owner | None = None,
-          command: list[str] | None = None, resume_overrides: list[str] | None = None) -> Claim:
+          resume_overrides: list[str] | None = None) -> Claim:
     """Take ``run_dir`` for a launch of ``record`` (and ``config``, for a config run); see the module docstring.
 
     ``resume_overrides``: ``launch resume RUN_DIR KEY=VALUE ...``: the config may differ from the saved
@@ -135,7 +140,7 @@ def claim(run_dir: RunDir, *, kind: str, record: dict, config: Config | None = N
     except OSError as err:
         raise RunDirError(f"cannot write to the run directory {run_dir.path}: {err.strerror or err}; "
                           "choose another run.dir or fix the permissions") from None
-    owner = owner or Owner.of_this_process(kind, command=shlex.join(command) if command else None)
+    owner = owner or Owner.of_this_process(kind, command=this_command())
     lock = RunLock(run_dir.lock, owner)
     try:
         note = lock.acquire(run_dir.path)

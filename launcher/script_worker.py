@@ -22,6 +22,13 @@ def main(argv: list[str]) -> int:
         from ddp.process import die_with_parent
 
         die_with_parent(int(os.environ["LAUNCH_PID"]))
+    if os.environ.get("LAUNCH_CPU_AFFINITY") == "1":
+        import torch
+
+        from ddp.process import pin_to_share
+
+        pin_to_share(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                     gpu=torch.cuda.is_available())
     if os.environ.get("LAUNCH_JOIN_STDERR") == "1":
         sys.stdout.flush()
         sys.stderr.flush()

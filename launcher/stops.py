@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import signal
 
 from ddp.layout import RunDir, latest_complete
@@ -13,7 +12,7 @@ def report_stop(run_dir: RunDir, signum: signal.Signals | None, saved_only: bool
     # Only the completion markers' sizes, no checksums: a scheduler's kill may be seconds away.
     found = latest_complete(run_dir.checkpoints)
     where = f"latest checkpoint {found.path.name} (step {found.step})" if found else "no checkpoint yet"
-    resume = f"`launch resume {shlex.quote(str(run_dir.path))}`"
+    resume = f"`{run_dir.command('resume')}`"
     if saved_only:
         return f"{where}. Continue with {resume}"
     what = signum.name if signum else "a stop signal to the workers"

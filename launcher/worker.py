@@ -14,20 +14,26 @@ the loader processes, which an error can leave waiting for work.
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-from pathlib import Path
+from launcher.latch import SignalLatch
 
+_latch = SignalLatch().install()  # before torch is imported: a stop signal then is kept, not fatal
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from ddp.codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_RESUMABLE
 from ddp.config import load_config
 from ddp.env import read_env
 from ddp.layout import RunDir
-from ddp.process import die_with_parent
-from ddp.signals import ignore_stop_signals
-from ddp.trainer import run_training
+from ddp.process import die_with_parent, pin_to_share
+from ddp.reporting import setup_logging
+from ddp.signals import StopRequest, ignore_stop_signals
+from ddp.trainer import _failure_recorded, run_training
 from jobs.registry import make_job
 
 
@@ -48,7 +54,7 @@ def standalone_run_dir(argv: list[str]) -> RunDir:
 
 
 @record  # writes the error where torch's elastic agent finds it, to name the root cause
-def main(argv: list[str]) -> int:
+def main(argv: list[str], stop: StopRequest | None = None) -> int:
     run_dir = standalone_run_dir(argv) if argv[0] == "--config" else RunDir(argv[0])
     if argv[0] == "--config":
         import time
@@ -57,17 +63,26 @@ def main(argv: list[str]) -> int:
             time.sleep(0.1)
     config = load_config(run_dir.config)
     env = read_env()
-    outcome = run_training(config, run_dir, env, make_job(config.job, env))
+    # A job that fails in its constructor is reported like a failure in training: its message on the
+    # console, its traceback in the rank's log, "failed" in state.json.
+    with _failure_recorded(run_dir, env, setup_logging(run_dir, env)):
+        job = make_job(config.job, env)
+    outcome = run_training(config, run_dir, env, job, stop=stop)
     return EXIT_RESUMABLE if outcome.status == "stopped" else EXIT_OK
 
 
 def run(argv: list[str]) -> int:
     if os.environ.get("LAUNCH_PID", "").isdigit():
         die_with_parent(int(os.environ["LAUNCH_PID"]))
+    if os.environ.get("LAUNCH_CPU_AFFINITY") == "1":
+        pin_to_share(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                     gpu=torch.cuda.is_available())
     sys.path.insert(0, os.getcwd())  # the user's job modules (our packages are imported already)
+    stop = StopRequest().install()
+    _latch.replay()  # a stop signal that came while this process started
     code, failure = EXIT_FAILURE, None
     try:
-        code = main(argv)
+        code = main(argv, stop)
     except KeyboardInterrupt:  # a second Ctrl-C
         code = EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - in the rank's log already, with its traceback

@@ -18,8 +18,16 @@ TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "multiprocess", "e2e", "slurm", "scale", "gpu")
 
 
+# Tiers whose tests share one machine-wide resource run in one xdist worker (``--dist loadgroup``):
+# the SLURM cluster's two nodes, and the scale tier's dozens of processes.
+SERIAL = ("slurm", "scale")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         parts = Path(str(item.fspath)).resolve().relative_to(TESTS).parts
         if parts and parts[0] in TIERS:
             item.add_marker(getattr(pytest.mark, parts[0]))
+            if parts[0] in SERIAL:
+                item.add_marker(pytest.mark.xdist_group(parts[0]))

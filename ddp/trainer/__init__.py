@@ -49,7 +49,8 @@ def run_training(config: Config, run_dir: str | Path | RunDir, env: DistEnv, job
                   stop_check_s=config.train.stop_check_s, env=env, stop=stop) as session:
             parts = assemble(config, job, session, run_dir, num_workers)
             try:
-                trainer = Trainer(config, run_dir, session, parts, Watchdog(run_dir, env, config.watchdog))
+                watchdog = Watchdog(run_dir, env, config.watchdog, hostnames=parts.hostnames)
+                trainer = Trainer(config, run_dir, session, parts, watchdog)
                 outcome = trainer.fit()
             finally:
                 parts.close()

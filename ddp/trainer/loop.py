@@ -76,8 +76,13 @@ class Trainer:
                 "config": self.config.to_dict(), "config_hash": self.config.hash()}
 
     def resume(self) -> None:
+        if not self.config.checkpoint.resume and self.env.is_main:
+            moved = self.run_dir.abandon(time.strftime("%Y%m%d-%H%M%S"))
+            if moved is not None:
+                log.warning("starting over (checkpoint.resume=false): the earlier run's checkpoints and metrics "
+                            "were moved to %s", moved)
         found = self.checkpointer.restore(self.checkpoint_state(), validate=lambda saved: check_fits(
-            saved, config=self.config.to_dict(), train_size=self.parts.train_size, model=self.model,
+            saved, config=self.config.to_dict(), train_size=self.parts.train_size, model=unwrap(self.model),
             optimizer=self.optimizer, full_job_config=full_job_section(self.parts.job)))
         if found is not None and self.env.is_main:
             log.info("resuming from %s: step %d, epoch %d, %d samples into the epoch", found.path, self.state.step,
@@ -209,15 +214,17 @@ class Trainer:
             self.schedule.update(state.step, self.progress())
             bar.update(1)
             stop = self.session.vote.agreed()  # every rank learns of a stop signal at the same step
-            # A checkpoint step (or a stop) is also a log step, so a non-finite loss is caught before it is saved.
+            done = self.done()
+            # A checkpoint step (or a stop, or the run's last step) is also a log step, so a non-finite loss is
+            # caught before it is saved, and the last steps' losses are logged.
             if (state.step % train.log_every == 0 or micro + 1 == micro_batches
-                    or bool(every and state.step % every == 0) or stop):
+                    or bool(every and state.step % every == 0) or stop or done):
                 beat(state.step, "log")
                 self._log(window, clock() - window_start, batches.take())
                 window, window_start = Window(train.accumulate, state.step), clock()
             if stop and micro + 1 < micro_batches:
                 break  # on the epoch's last batch, the epoch ends as usual (evaluated, saved), then the stop
-            if self.done():
+            if done:
                 break
             if every and state.step % every == 0 and micro + 1 < micro_batches:
                 self.save("step")
@@ -302,8 +309,8 @@ class Trainer:
         others = sorted({rank for _, rank in bad} - set(ranks))
         later = f" (later also on rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})" if others else ""
         last = self.checkpointer.last
-        checkpoint = (f"the last good checkpoint is {last}; continue from it with `launch resume "
-                      f"{self.run_dir.path}` and a change" if last else
+        checkpoint = (f"the last good checkpoint is {last}; continue from it with "
+                      f"`{self.run_dir.command('resume')}` and a change" if last else
                       "no checkpoint was written before it; start again with a change")
         return (f"the loss became NaN or infinite at step {step} on rank{'s' if len(ranks) > 1 else ''} "
                 f"{', '.join(map(str, ranks))}{later}; {checkpoint}: a lower optim.lr, train.clip_grad_norm, "

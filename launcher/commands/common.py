@@ -14,6 +14,7 @@ from ddp.settings import ConfigError
 from launcher import configs
 from launcher.errors import LaunchError
 from launcher.local.plan import Entry
+from launcher.runs import this_command
 from launcher.sweep import SweepPoint, expand_script_sweeps
 from launcher.target import Target
 
@@ -72,7 +73,7 @@ def script_points(target: Target, sweeps: list[str]) -> list[SweepPoint]:
 
 def launch_record(kind: str, mode: str, target: dict, plan: dict) -> dict:
     return {"kind": kind, "mode": mode, "target": target, "plan": plan, "cwd": os.getcwd(), "python": sys.executable,
-            "command": shlex.join(["launch", *sys.argv[1:]]), "created": round(time.time(), 3)}
+            "command": this_command(), "created": round(time.time(), 3)}
 
 
 def visible_gpus() -> int:

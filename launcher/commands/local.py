@@ -13,7 +13,7 @@ from launcher.commands.common import (launch_record, load_config_target, results
                                       script_points, script_record, script_run_dir, visible_gpus)
 from launcher.errors import LaunchError
 from launcher.local.plan import Entry, LocalPlan, Request, machine_facts, plan_local
-from launcher.runs import claim
+from launcher.runs import claim, this_command
 from launcher.target import Target
 
 
@@ -68,7 +68,7 @@ def execute(plan: LocalPlan, record: dict, config, resume_overrides: list[str] |
 
     run_dir = RunDir(plan.run_dir)
     rendezvous = None if plan.single_node else f"{plan.rdzv_endpoint}/{plan.rdzv_id}"
-    owner = Owner.of_this_process("local", rendezvous=rendezvous)
+    owner = Owner.of_this_process("local", rendezvous=rendezvous, command=this_command())
     held = claim(run_dir, kind="local", record=record, config=config, owner=owner, resume_overrides=resume_overrides)
     try:
         for note in held.notes:

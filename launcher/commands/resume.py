@@ -2,7 +2,8 @@
 
 The run is launched as it was (its recorded plan: the same workers, or the same
 SLURM job), in the working directory it was launched from, unless the command
-line gives other workers (``--cpu --nproc N``, ``--gpus N``, ``--nnodes``).
+line gives other workers (``--cpu --nproc N``, ``--gpus N``, ``--nnodes``): then
+it continues on this machine with those, a SLURM run included.
 ``KEY=VALUE`` changes are applied to the saved config and recorded in
 ``resumes.jsonl``.
 """
@@ -50,7 +51,8 @@ def command_resume(options, target: Target) -> int:
         saved["run"].update(dir=str(run_dir.path.parent), name=run_dir.name)
         run = configs.load(None, overrides, cwd=Path(os.getcwd()), base=saved)
         config = run.config
-    if record.get("mode") == "slurm":
+    asked = any(getattr(options, name, None) not in (None, False) for name in DEVICE_OPTIONS) or options.nnodes != "1"
+    if record.get("mode") == "slurm" and not asked:
         from launcher.commands.slurm import resubmit
 
         return resubmit(run_dir, record, config, overrides, options)
@@ -70,7 +72,7 @@ def command_resume(options, target: Target) -> int:
 def replan(options, record: dict, run_dir: RunDir, config) -> LocalPlan:
     """The recorded plan with a fresh rendezvous port, or a new one when the command line names workers."""
     entry = Entry("config", str(run_dir.path)) if record.get("kind", "config") == "config" else None
-    recorded = record.get("plan")
+    recorded = record.get("plan") if record.get("mode") == "local" else None
     asked = any(getattr(options, name, None) not in (None, False) for name in DEVICE_OPTIONS) or options.nnodes != "1"
     if recorded and recorded.get("entry") and not asked:
         plan = LocalPlan.from_record(recorded)

@@ -79,7 +79,12 @@ def command_slurm(options, target: Target) -> int:
                       python=sys.executable, config_device=device, num_workers=num_workers,
                       env_threads=os.environ.get("OMP_NUM_THREADS"))
     if options.dry_run:
-        return dry_run(plan, [config for _, config in runs])
+        if array or len(runs) == 1:
+            return dry_run(plan, [config for _, config in runs])
+        for index, (element, config) in enumerate(runs, 1):  # one job per run, as submitted: each its own script
+            print(f"# ===== job {index} of {len(runs)}: {element.run_dir}")
+            dry_run(plan.for_element(element), [config])
+        return EXIT_OK
     config_file = str((cwd / target.name).resolve()) if target.kind == "config" else None
     if not array:
         return max(submit_runs(plan.for_element(element), [(element, config)], config_file)
@@ -124,7 +129,7 @@ def submit_runs(plan: SlurmPlan, runs: list, config_file: str | None,
             if busy:
                 job_id, state = busy[0]
                 raise LaunchError(f"{run_dir.path} already has job {job_id} ({state}); two jobs must not train into "
-                                  f"one run directory. Wait for it, or `launch cancel {run_dir.path}` first")
+                                  f"one run directory. Wait for it, or `{run_dir.command('cancel')}` first")
     held: list[Claim] = []
     submitting = []
     before = files_in(plan.folder)

@@ -39,7 +39,7 @@ from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRen
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 
 from ddp.codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_RESUMABLE, STOP_SIGNALS
-from ddp.failure_text import is_consequence
+from ddp.failure_text import is_consequence, split_error
 from ddp.layout import RunDir, latest_complete
 from launcher.failures import describe_failure, failure_text, root_cause
 from launcher.local.plan import LocalPlan
@@ -50,6 +50,9 @@ from launcher.stops import report_stop
 log = logging.getLogger(__name__)
 
 HANDLED = (*STOP_SIGNALS, signal.SIGHUP)
+# Errors that a restart cannot cure: the agent ends the run instead of retrying them --max-restarts times.
+NOT_RETRIED = {"ResumeError", "ConfigError", "RankMismatchError", "JobError", "DatasetError", "ModelError",
+               "NonFiniteLossError", "StorageError", "CheckpointError"}
 SHUTDOWN_TIMEOUT_S = 300  # a worker told to stop (a membership change) may take this long to save
 RENDEZVOUS = {"join_timeout": "600", "last_call_timeout": "5", "close_timeout": "30",
               "keep_alive_interval": "2", "keep_alive_max_attempt": "3"}
@@ -68,6 +71,7 @@ class LaunchAgent(LocalElasticAgent):
         self.stop_signal: signal.Signals | None = None
         self.last_result: RunResult | None = None
         self._world_size = 0
+        self._changes = 0  # restarts and membership changes so far (torch counts only the restarts)
 
     # -- signals -------------------------------------------------------------------------------------
 
@@ -120,6 +124,13 @@ class LaunchAgent(LocalElasticAgent):
             return RunResult(state=WorkerState.HEALTHY)  # a stop: wait for every worker to save and end
         result = super()._monitor_workers(worker_group)
         self.last_result = result
+        if result.state == WorkerState.FAILED and result.failures and self._remaining_restarts > 0:
+            _, first = root_cause(result.failures)
+            name, _ = split_error(failure_text(first) or "")
+            if name in NOT_RETRIED:
+                print(f"launch: not restarting the workers: {name} is not cured by a restart", file=sys.stderr,
+                      flush=True)
+                self._remaining_restarts = 0
         if result.state == WorkerState.FAILED and result.failures and \
                 all(failure.exitcode == EXIT_RESUMABLE for failure in result.failures.values()):
             self.stopped = True
@@ -136,19 +147,17 @@ class LaunchAgent(LocalElasticAgent):
     def _restart_workers(self, worker_group) -> None:
         before, result = self._world_size, self.last_result
         super()._restart_workers(worker_group)
+        self._changes += 1
         if worker_group.group_rank == 0:
             failed = result is not None and result.state == WorkerState.FAILED
+            after = self._world_size
+            why = ("scale-down: a node left" if after < before else "scale-up: a node joined" if after > before
+                   else "failure" if failed else "membership change")
             checkpoint = latest_complete(self.run_dir.checkpoints)
-            record_restart(self.run_dir, restart=self._restart_count(), old_world_size=before,
-                           new_world_size=self._world_size,
-                           why="failure" if failed else "membership change (a node joined)",
-                           failures=_failures(result) if failed else [],
+            record_restart(self.run_dir, restart=self._changes, old_world_size=before, new_world_size=after,
+                           why=why, failures=_failures(result) if failed else [],
                            resumed_from=str(checkpoint.path) if checkpoint else None,
                            step=checkpoint.step if checkpoint else 0)
-
-    def _restart_count(self) -> int:
-        spec = self._worker_group.spec
-        return spec.max_restarts - self._remaining_restarts
 
 
 def _stopped_with_help(result: RunResult) -> bool:
@@ -156,6 +165,10 @@ def _stopped_with_help(result: RunResult) -> bool:
     codes = [failure.exitcode for failure in result.failures.values()]
     return EXIT_RESUMABLE in codes and all(code in (EXIT_RESUMABLE, -signal.SIGTERM, -signal.SIGKILL)
                                            for code in codes)
+
+
+def _ended_by_stop(result: RunResult) -> bool:
+    return all(failure.exitcode in (-signal.SIGTERM, -signal.SIGKILL) for failure in result.failures.values())
 
 
 def _failures(result: RunResult) -> list[dict]:
@@ -311,6 +324,11 @@ def run_local(plan: LocalPlan) -> int:
                         shutdown_timeout=SHUTDOWN_TIMEOUT_S, plan=plan)
     previous = {signum: signal.getsignal(signum) for signum in HANDLED}
     agent.install_signal_handlers()
+    # torch's agent logs each worker's end ("failed (exitcode: 75)", "Sending process ... SIGTERM") at
+    # warning and error level: launch says what happened itself, once.
+    torch_logs = logging.getLogger("torch.distributed.elastic")
+    torch_level = torch_logs.level
+    torch_logs.setLevel(logging.CRITICAL)
     try:
         with _environment(variables):
             result = agent.run()
@@ -322,10 +340,17 @@ def run_local(plan: LocalPlan) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        torch_logs.setLevel(torch_level)
         spec.rdzv_handler.shutdown()
     if agent.stopped:
         print(report_stop(run_dir, agent.stop_signal), file=sys.stderr)
         return EXIT_RESUMABLE
+    if result.is_failed() and agent.stop_signal is not None and _ended_by_stop(result):
+        # A script that saves nothing on a stop signal: ended by it, as a plain torchrun script is.
+        print(f"stopped by {agent.stop_signal.name}: the workers were ended by it before they saved a checkpoint "
+              f"(a script that does not stop on SIGTERM ends so: see docs/your-code.md). "
+              f"{report_stop(run_dir, None, saved_only=True)}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     if result.is_failed():
         _, first = root_cause(result.failures)
         print(describe_failure(result.failures, run_dir), file=sys.stderr)

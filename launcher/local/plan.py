@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import sys
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -218,6 +219,12 @@ def _worker_environment(request: Request, machine: Machine, workers: int, device
     """Variables the workers get; a variable the user set wins (it is left out here)."""
     user = machine.user_environment
     wanted = {"LAUNCH_RUN_DIR": str(run_dir)}
+    if request.tuning:
+        # glibc's allocator keeps freed memory instead of returning it to the kernel after every step:
+        # a small CNN's step faulted ~800 pages in each time without this (see docs/performance.md).
+        if sys.platform.startswith("linux"):
+            wanted.update(MALLOC_MMAP_THRESHOLD_="16777216", MALLOC_TRIM_THRESHOLD_="268435456")
+        wanted["LAUNCH_CPU_AFFINITY"] = "1"  # each worker (and its loader processes) on its own cores
     # OpenMP threads: the node's cores shared out, so workers do not fight over them (two 2-thread
     # workers on 2 cores run ~5x slower than two 1-thread ones). torchrun sets 1 for any number.
     if machine.env_threads is None and machine.cores:
@@ -231,12 +238,16 @@ def _worker_environment(request: Request, machine: Machine, workers: int, device
     return {key: value for key, value in wanted.items() if key not in user or key == "LAUNCH_RUN_DIR"}
 
 
+TUNING_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LAUNCH_CPU_AFFINITY")
+
+
 def machine_facts(visible_gpus: int) -> Machine:
     """This machine, as a plan needs it."""
     try:
         cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset, SLURM's cgroups)
     except AttributeError:  # macOS has no affinity masks
         cores = os.cpu_count() or 1
-    names = ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+    names = ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "MALLOC_MMAP_THRESHOLD_",
+             "MALLOC_TRIM_THRESHOLD_", "LAUNCH_CPU_AFFINITY")
     return Machine(visible_gpus=visible_gpus, cores=cores, env_threads=os.environ.get("OMP_NUM_THREADS"),
                    user_environment={name: os.environ[name] for name in names if name in os.environ})

@@ -61,6 +61,14 @@ class SlurmPlan:
     def max_world_size(self) -> int:
         return self.max_nodes * self.tasks_per_node
 
+    @property
+    def job_name(self) -> str:
+        """``slurm.job_name``, else the run's name (an array job: its sweep folder's), so that each job of a
+        sweep submitted one job per run (``for_element``) is named after its own run."""
+        if self.options.get("job-name"):
+            return self.options["job-name"]
+        return self.elements[0].run_dir.name if len(self.elements) == 1 else self.folder.parent.name
+
     def describe(self) -> str:
         resources = f"{self.gpus_per_node} GPU(s) per node" if self.device == "cuda" else "CPU"
         nodes = f"{self.nodes} node(s)" + (" (as many as SLURM gives)" if "-" in self.nodes else "")
@@ -121,7 +129,7 @@ def plan_slurm(request: Request, slurm, *, elements: list[Element], folder: Path
                           "--cpu --nproc-per-node P (P CPU workers per node)")
     if request.nproc_per_node is not None and not cpu:
         raise LaunchError("--nproc-per-node is for --cpu; on GPUs one worker runs per GPU (--gpus-per-node)")
-    tasks = request.gpus_per_node if not cpu else (request.nproc_per_node or 1)
+    tasks = request.gpus_per_node if not cpu else (1 if request.nproc_per_node is None else request.nproc_per_node)
     if tasks < 1:
         raise LaunchError(f"{'--nproc-per-node' if cpu else '--gpus-per-node'} must be at least 1, got {tasks}")
     nodes = _parse_nodes(request.nodes)
@@ -146,7 +154,8 @@ def plan_slurm(request: Request, slurm, *, elements: list[Element], folder: Path
         raise LaunchError(str(err)) from None
     options = {option.sbatch: getattr(slurm, option.name) for option in OPTIONS
                if option.sbatch and option.name != "cpus_per_task" and getattr(slurm, option.name) is not None}
-    options.setdefault("job-name", elements[0].run_dir.name if len(elements) == 1 else folder.parent.name)
+    for name, value in options.items():  # from the command line too, which the config's checks do not see
+        _check_script_safe(f"--{name}", str(value), percent=False)
     warnings = []
     limit = parse_time_limit(options.get("time"))
     if options.get("time") is not None and limit is None:
@@ -207,5 +216,8 @@ def _check_script_safe(what: str, value: str, *, percent: bool) -> None:
                           "script cannot carry; choose another name")
     if percent and "%" in value:
         raise LaunchError(f"{what} {value!r} holds '%', which sbatch reads as a file name pattern in the log "
+                          "paths; choose a run.dir/run.name without it")
+    if percent and "\\" in value:
+        raise LaunchError(f"{what} {value!r} holds a backslash, which sbatch reads as an escape in the log "
                           "paths; choose a run.dir/run.name without it")
 

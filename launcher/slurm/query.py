@@ -14,7 +14,8 @@ import re
 import subprocess
 import time
 
-_FIELD = re.compile(r"(?:^|\s)([A-Za-z][\w:/]*)=(\S*)")
+# A value runs to the next " Key=": paths (StdOut, Command, WorkDir) and job names may hold spaces.
+_FIELD = re.compile(r"(?:^|\s)([A-Za-z][\w:/]*)=(.*?)(?=\s+[A-Za-z][\w:/]*=|\s*$)", re.DOTALL)
 SUBMIT_TOLERANCE_S = 300  # clocks of the login node and the controller may differ a little
 
 

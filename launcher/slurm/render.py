@@ -32,7 +32,7 @@ def log_pattern(plan: SlurmPlan, stream: str, task: str = "%t") -> str:
 
 def render_sbatch(plan: SlurmPlan) -> str:
     options: dict = {
-        "job-name": plan.options.get("job-name"),
+        "job-name": plan.job_name,
         "nodes": plan.nodes,
         "ntasks-per-node": plan.tasks_per_node,
         "cpus-per-task": plan.cpus_per_task,

@@ -34,6 +34,9 @@ EXPLAIN = {
 # torch's launchers prefix a rank's lines ("[rank1]: Traceback ..."), and so may srun (--label).
 _TRACEBACK = re.compile(r"^(?:\[[^\]]*\]:?\s*|\d+:\s*)?Traceback \(most recent call last\)")
 _ERROR_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*|\d+:\s*)?(error: |watchdog: |[A-Za-z_.]*(Error|Exception|Timeout)\b)")
+# The trainer's own log lines (ddp.reporting.LOG_FORMAT): an error is logged in one line, its traceback
+# goes to RUN_DIR/logs/rank_N.log.
+_LOGGED_ERROR = re.compile(r"^\d\d:\d\d:\d\d \[rank \d+\] (?:ERROR|CRITICAL) ")
 
 
 def checked_jobs(run_dir: RunDir) -> list[tuple[dict, dict, str | None]]:
@@ -59,7 +62,8 @@ def first_error(folder: Path, job_id: str, lines: int = 8) -> tuple[Path, list[s
 
     for path in sorted(folder.glob(f"{job_id}_*_log.err"), key=rank_of):
         text = path.read_text(errors="replace").splitlines()
-        marks = [i for i, line in enumerate(text) if _TRACEBACK.match(line) or _ERROR_LINE.match(line)]
+        marks = [i for i, line in enumerate(text)
+                 if _TRACEBACK.match(line) or _ERROR_LINE.match(line) or _LOGGED_ERROR.match(line)]
         if marks:
             tail = [line for line in text[marks[0]:] if line.strip()]
             return path, tail[-lines:]

@@ -41,24 +41,11 @@ import threading
 import time
 from pathlib import Path
 
-STOPS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+from ddp.codes import STOP_SIGNALS
+from ddp.layout import RunDir  # torch-free, like everything imported before the task has its handlers
+from launcher.latch import SignalLatch
+
 EVENTS_LOG = logging.getLogger(__name__)
-
-
-class SignalLatch:
-    """Holds stop signals while the task starts (imports take seconds), to be replayed to the real handler."""
-
-    def __init__(self):
-        self.received: list[int] = []
-
-    def install(self) -> "SignalLatch":
-        for signum in STOPS:
-            signal.signal(signum, lambda signum, frame: self.received.append(signum))
-        return self
-
-    def replay(self) -> None:
-        for signum in dict.fromkeys(self.received):
-            signal.raise_signal(signum)
 
 
 _latch = SignalLatch()
@@ -141,7 +128,6 @@ class SlurmTask:
         self.index = index
 
     def __call__(self) -> dict:
-        from ddp.layout import RunDir
         from ddp.lock import Owner, RunLock
         from launcher.runs import read_record
 
@@ -155,11 +141,12 @@ class SlurmTask:
             self._event(is_main, job_id, restart, "refused", reason=f"requeued {restart} times")
             raise RequeueError(
                 f"job {job_id} was requeued {restart} times, more than slurm.max_requeues={self.max_requeues}; "
-                f"not starting again. Resubmit with `launch slurm` (or `launch resume {self.run_dir}`) to continue "
+                f"not starting again. Continue with `{RunDir(self.run_dir).command('resume')}` "
                 "from the last checkpoint")
         os.environ.update(torchrun_environment(environ, rendezvous_port(run_dir, job_id, restart, is_main),
                                                self.max_requeues))
         os.environ["LAUNCH_RUN_DIR"] = str(run_dir.path)
+        os.environ["LAUNCH_LAUNCHED_BY"] = "slurm"  # env.jsonl: torchrun's variables, but SLURM started the run
         self._host_store()
         lock = None
         if is_main:
@@ -260,7 +247,7 @@ class SlurmTask:
             self._signal_name = self._signal_name or signal.Signals(signum).name
             child.send_signal(passed if signum == signal.SIGUSR2 else signum)
 
-        for signum in STOPS:
+        for signum in STOP_SIGNALS:
             signal.signal(signum, forward)
         for signum in _latch.received:
             forward(signum, None)
@@ -291,7 +278,8 @@ class SlurmTask:
             self._event(is_main, job_id, restart, "stopped", state=state, reason="requeue limit", **details)
             raise RequeueError(
                 f"stopped by {signal_name} after {restart} requeue(s), the most slurm.max_requeues="
-                f"{self.max_requeues} allows; the checkpoint is saved. Continue with `launch resume {self.run_dir}`, "
+                f"{self.max_requeues} allows; the checkpoint is saved. Continue with "
+                f"`{RunDir(self.run_dir).command('resume')}`, "
                 "or raise slurm.max_requeues or --time")
         self._event(is_main, job_id, restart, "requeued", **details)
         try:
@@ -300,7 +288,7 @@ class SlurmTask:
             said = (getattr(err, "stderr", "") or str(err)).strip()
             self._event(is_main, job_id, restart, "requeue-failed", error=said, **details)
             raise RequeueError(f"`scontrol requeue {job_id}` failed: {said}; the checkpoint is saved, continue "
-                               f"with `launch resume {self.run_dir}`") from None
+                               f"with `{RunDir(self.run_dir).command('resume')}`") from None
         print(f"launch: requeued job {job_id} after the checkpoint ({signal_name})", file=sys.stderr, flush=True)
         return {**summary, "status": "requeued"}
 
@@ -320,8 +308,6 @@ class SlurmTask:
     def _event(self, is_main: bool, job_id: str, restart: int, event: str, **details) -> None:
         if not is_main:
             return
-        from ddp.layout import RunDir
-
         record = {"time": round(time.time(), 3), "job_id": job_id, "restart": restart, "event": event,
                   **{key: value for key, value in details.items() if value is not None}}
         try:
@@ -332,7 +318,7 @@ class SlurmTask:
 
 
 def signal_ignore_stops() -> None:
-    for signum in STOPS:
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -93,3 +93,18 @@ def kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def train_here(config, run_dir: Path | None = None, num_workers: int | None = 0):
+    """The training loop every worker runs, in this process as a world of one, on the config's job.
+
+    ``run_dir`` defaults to ``run.dir/run.name``; ``num_workers=0`` loads data in this process
+    (``None``: the config's ``data.num_workers``). Returns the ``Outcome``.
+    """
+    from ddp.env import DistEnv
+    from ddp.trainer import run_training
+    from jobs.registry import make_job
+
+    env = DistEnv()
+    run_dir = Path(config.run.dir) / config.run.name if run_dir is None else run_dir
+    return run_training(config, run_dir, env, make_job(config.job, env), num_workers=num_workers)

@@ -155,7 +155,8 @@ class TestJob(Job):
             path = Path(c.record_dir) / f"rank_{self.env.rank}.jsonl"
             with open(path, "a") as handle:
                 handle.write(json.dumps({"ids": ids.tolist(), "position": position, "world_size": self.env.world_size,
-                                         "restart": self.env.restart_count, "pid": os.getpid()}) + "\n")
+                                         "restart": self.env.restart_count, "pid": os.getpid(),
+                                         "time": time.time()}) + "\n")
         if c.step_sleep_s:
             time.sleep(c.step_sleep_s)
         if c.slow_rank == self.env.rank and c.slow_s:
