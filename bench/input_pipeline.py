@@ -61,7 +61,8 @@ def ours_imagefolder(root: Path) -> float:
     import torch
 
     from ddp.config import DataConfig
-    from ddp.data import ResumableDistributedSampler, make_loader
+    from ddp.data import ResumableDistributedSampler
+    from ddp.loader import make_loader
     from jobs import datasets
 
     train, _ = datasets.build("imagefolder", data_dir=str(root), image_size=IMAGE_SIZE)
@@ -92,7 +93,8 @@ def digits_in_process(ours: bool) -> float:
     from torch.utils.data import DataLoader
 
     from ddp.config import DataConfig
-    from ddp.data import ResumableDistributedSampler, make_loader
+    from ddp.data import ResumableDistributedSampler
+    from ddp.loader import make_loader
     from jobs import datasets
 
     train, _ = datasets.build("digits")

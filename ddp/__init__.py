@@ -21,7 +21,7 @@ _EXPORTS = {
     "init": "ddp.session",
     "Session": "ddp.session",
     "Checkpointer": "ddp.checkpointer",
-    "ResumableLoader": "ddp.data",
+    "ResumableLoader": "ddp.loader",
     "unwrap": "ddp.model",
     "DistEnv": "ddp.env",
     "read_env": "ddp.env",

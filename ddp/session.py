@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from ddp import distributed, rng
 from ddp.checkpointer import Checkpointer
 from ddp.config import DDPConfig
-from ddp.data import ResumableLoader
+from ddp.loader import ResumableLoader
 from ddp.env import DistEnv, read_env
 from ddp.layout import RunDir
 from ddp.model import wrap

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from ddp import distributed, rng
 from ddp.config import Config
 from ddp.consistency import check_ranks_agree
-from ddp.data import ResumableLoader, ShardSampler, make_loader, shut_down
+from ddp.data import ShardSampler
+from ddp.loader import ResumableLoader, make_loader, shut_down
 from ddp.job import Job, JobError
 from ddp.layout import RunDir
 from ddp.model import ddp_module, unwrap

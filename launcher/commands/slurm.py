@@ -115,9 +115,9 @@ def dry_run(plan: SlurmPlan, configs_: list) -> int:
 def submit_runs(plan: SlurmPlan, runs: list, config_file: str | None,
                 resume_overrides: list[str] | None = None) -> int:
     """Claim each run, submit the plan once, record the jobs; undo everything if SLURM refuses."""
+    from launcher.slurm.query import cluster_name, require_commands
     from launcher.slurm.status import active_jobs
-    from launcher.slurm.submit import (cluster_name, describe_submission, files_in, record_job, remove_submission_files,
-                                       require_commands, submit)
+    from launcher.slurm.submit import describe_submission, files_in, record_job, remove_submission_files, submit
 
     require_commands("sbatch", "srun", "scontrol")
     for warning in plan.warnings:

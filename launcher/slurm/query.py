@@ -10,11 +10,45 @@ Torch-free.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import time
 
+from ddp.layout import RunDir
+
 # A value runs to the next " Key=": paths (StdOut, Command, WorkDir) and job names may hold spaces.
+class SlurmError(RuntimeError):
+    """SLURM is missing, refused a request or reports a failure; the message includes what SLURM said."""
+
+
+def require_commands(*names: str) -> None:
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        raise SlurmError(f"SLURM's {', '.join(missing)} not found on PATH: run this on a SLURM login node "
+                         "(or add SLURM's bin directory to PATH)")
+
+
+def cluster_name() -> str | None:
+    try:
+        result = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ClusterName":
+            return value.strip()
+    return None
+
+
+def read_jobs(run_dir: RunDir) -> list[dict]:
+    try:
+        return json.loads(run_dir.slurm_record.read_text()).get("jobs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 _FIELD = re.compile(r"(?:^|\s)([A-Za-z][\w:/]*)=(.*?)(?=\s+[A-Za-z][\w:/]*=|\s*$)", re.DOTALL)
 SUBMIT_TOLERANCE_S = 300  # clocks of the login node and the controller may differ a little
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from ddp.layout import RunDir
 from ddp.reporting import read_jsonl
-from launcher.slurm.query import not_ours, scheduler_view
-from launcher.slurm.submit import SlurmError, cluster_name, read_jobs, require_commands
+from launcher.slurm.query import SlurmError, cluster_name, not_ours, read_jobs, require_commands, scheduler_view
 
 # States in which a job holds, or will again hold, resources.
 ACTIVE = {"PENDING", "RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_FED",

@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import shlex
-import shutil
 import subprocess
 import time
 import uuid
@@ -30,19 +29,9 @@ from submitit.core.utils import DelayedSubmission, FailedJobError, JobPaths
 from ddp.layout import RunDir
 from launcher.runs import write_text_atomic
 from launcher.slurm.plan import SlurmPlan
+from launcher.slurm.query import SlurmError, read_jobs, require_commands
 from launcher.slurm.render import render_sbatch, task_command
 from launcher.slurm.task import SlurmTask
-
-
-class SlurmError(RuntimeError):
-    """SLURM is missing, refused a request or reports a failure; the message includes what SLURM said."""
-
-
-def require_commands(*names: str) -> None:
-    missing = [name for name in names if shutil.which(name) is None]
-    if missing:
-        raise SlurmError(f"SLURM's {', '.join(missing)} not found on PATH: run this on a SLURM login node "
-                         "(or add SLURM's bin directory to PATH)")
 
 
 class LaunchExecutor(SlurmExecutor):
@@ -119,25 +108,6 @@ def submit(plan: SlurmPlan) -> list[str]:
 
 
 # -- the run directory's record of its jobs ---------------------------------------------------------
-
-
-def cluster_name() -> str | None:
-    try:
-        result = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in result.stdout.splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "ClusterName":
-            return value.strip()
-    return None
-
-
-def read_jobs(run_dir: RunDir) -> list[dict]:
-    try:
-        return json.loads(run_dir.slurm_record.read_text()).get("jobs", [])
-    except (OSError, ValueError, AttributeError):
-        return []
 
 
 def record_job(run_dir: RunDir, plan: SlurmPlan, job_id: str, cluster: str | None, submitted: float) -> dict:

@@ -47,7 +47,7 @@ def test_ls_lists_finished_running_stopped_and_failed_runs_in_under_half_a_secon
         running.wait(120)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
-    assert " finished " in rows["done"] and "step_00000016.pt" in rows["done"]
+    assert " finished " in rows["done"] and "step_00000008.pt" in rows["done"]
     assert " stopped (by SIGTERM) " in rows["halted"]
     assert " failed " in rows["broken"]
     assert " running " in rows["busy"] and f"pid {running.pid} on" in rows["busy"]
@@ -63,7 +63,7 @@ def test_status_of_a_local_run_says_where_it_stands_and_plots_its_curves(tmp_pat
     assert run_launch("local", "--cpu", "--nproc", "2", str(make(tmp_path, "curves")), cwd=tmp_path).returncode == 0
     result = run_launch("status", "runs/curves", "--plot", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "state          finished" in result.stdout and "progress       step 16, epoch 2" in result.stdout
+    assert "state          finished" in result.stdout and "progress       step 8, epoch 2" in result.stdout
     png = tmp_path / "runs" / "curves" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image

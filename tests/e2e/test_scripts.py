@@ -121,7 +121,8 @@ def test_a_library_script_killed_with_9_and_restarted_ends_bitwise_equal(tmp_pat
                         "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert marker.exists() and "restart 1 of the workers" in result.stdout + result.stderr
-    assert "resumed at step 30" in (tmp_path / "runs" / "killed_once" / "logs" / "rank_0.log").read_text()
+    restarted = (tmp_path / "runs" / "killed_once" / "logs" / "rank_0.log").read_text()
+    assert "resumed at step 32, epoch 2" in restarted  # the checkpoint at the end of epoch 2, before step 37
     assert same(weights(library_uninterrupted), weights(out))
 
 
@@ -130,7 +131,8 @@ def test_a_library_script_stopped_by_a_signal_exits_75_and_resumes_bitwise(tmp_p
     script.write_text(LIBRARY.read_text().replace(
         "            state[\"step\"] += 1\n",
         "            state[\"step\"] += 1\n"
-        "            if state['step'] == 45 and run.rank == 0 and state.get('stopped') is None:\n"
+        "            __import__('time').sleep(0.05)  # slow enough that the stop comes before the end\n"
+        "            if state['step'] == 10 and run.rank == 0 and state.get('stopped') is None:\n"
         "                state['stopped'] = True; __import__('os').kill(__import__('os').getppid(), 15)\n"))
     out = tmp_path / "final.pt"
     first = run_launch("local", "--cpu", "--nproc", "2", str(script), "--epochs", "3", "--out", str(out),

@@ -43,7 +43,8 @@ def _initial_weights(rank, config, run_dir):
 def _evaluate(rank):
     from torch.utils.data import TensorDataset
 
-    from ddp.data import ShardSampler, make_loader
+    from ddp.data import ShardSampler
+    from ddp.loader import make_loader
     from ddp.evaluation import evaluate
     from ddp.session import init
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddp.data import ResumableDistributedSampler, make_loader, shut_down
+from ddp.data import ResumableDistributedSampler
+from ddp.loader import make_loader, shut_down
 from tests.unit.test_per_sample_seeded_items import PLANS, Draws, reference
 
 pytestmark = pytest.mark.timeout(120)

@@ -18,7 +18,8 @@ TRAINER = """
 import sys, time
 import torch
 from torch.utils.data import TensorDataset
-from ddp.data import ResumableDistributedSampler, make_loader
+from ddp.data import ResumableDistributedSampler
+from ddp.loader import make_loader
 loader = make_loader(TensorDataset(torch.arange(64.0)), ResumableDistributedSampler(64, 0, 1, seed=0), 4, seed=0,
                      rank=0, num_workers=2, start_method=sys.argv[1])
 batches = iter(loader)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from ddp.data import PerSampleSeeded, ResumableDistributedSampler, ResumableLoader, ShardSampler, epoch_order
+from ddp.data import PerSampleSeeded, ResumableDistributedSampler, ShardSampler, epoch_order
+from ddp.loader import ResumableLoader
 
 
 def shards(length, world, epoch=0, consumed=0, seed=0, drop_last=False):

@@ -14,10 +14,10 @@ from ddp.env import port_for_job, read_env
 from ddp.layout import RunDir
 from ddp.signals import StopRequest
 from launcher.slurm import task as slurm_task
+from ddp.codes import STOP_SIGNALS as STOPS
+from launcher.latch import SignalLatch
 from launcher.slurm.task import (
-    STOPS,
     RequeueError,
-    SignalLatch,
     SlurmTask,
     job_id_of,
     rendezvous_port,
