@@ -30,6 +30,7 @@ _EXPORTS = {
     "setting": "ddp.settings",
     "ConfigError": "ddp.settings",
     "Config": "ddp.config",
+    "DDPConfig": "ddp.config",
     "load_config": "ddp.config",
     "run_training": "ddp.trainer",
     "EXIT_RESUMABLE": "ddp.codes",

@@ -133,6 +133,9 @@ class DDPConfig:
     gradient_as_bucket_view: bool = setting(True, "gradients live in DDP's buckets (saves a copy per step)")
     static_graph: bool = setting(False, "the graph is the same every step (lets DDP skip checks)")
     find_unused_parameters: bool = setting(False, "set true only if some parameters get no gradient")
+    exact_resume: bool = setting(True, "with more than 2 ranks, the first step sums gradients in the order the "
+                                       "later steps do, so a resumed run ends bitwise equal (a comm hook; set "
+                                       "false to register your own hook)")
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,8 @@ class PerSampleSeeded(Dataset):
         # Sent to a loader process: the modules loaded from a file (a job's own dataset class) must be
         # importable there before the dataset is unpickled (ddp.file_modules); tensors still go by
         # shared memory (multiprocessing's pickler, with torch's reducers).
-        return _rebuild_seeded, (bytes(ForkingPickler.dumps(self.dataset)), self.seed)
+        # The names go along (a fork server started earlier has an older environment).
+        return _rebuild_seeded, (bytes(ForkingPickler.dumps(self.dataset)), self.seed, file_modules.known_files())
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -155,6 +156,6 @@ class PerSampleSeeded(Dataset):
         return items
 
 
-def _rebuild_seeded(dataset: bytes, seed: int) -> PerSampleSeeded:
-    file_modules.install()
+def _rebuild_seeded(dataset: bytes, seed: int, files: dict[str, str]) -> PerSampleSeeded:
+    file_modules.install(files)
     return PerSampleSeeded(ForkingPickler.loads(dataset), seed)

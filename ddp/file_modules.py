@@ -30,9 +30,17 @@ class _FileModules(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(name, file) if file else None
 
 
-def install() -> None:
+def install(known: dict[str, str] | None = None) -> None:
+    """The finder, in this process; ``known`` (from ``known_files()`` of another process) adds its names."""
+    if known:
+        os.environ[VARIABLE] = json.dumps({**json.loads(os.environ.get(VARIABLE, "{}")), **known})
     if not any(isinstance(finder, _FileModules) for finder in sys.meta_path):
         sys.meta_path.append(_FileModules())
+
+
+def known_files() -> dict[str, str]:
+    """The modules loaded from files in this process: name -> file."""
+    return json.loads(os.environ.get(VARIABLE, "{}"))
 
 
 def load(path: Path) -> ModuleType:

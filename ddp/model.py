@@ -6,17 +6,16 @@ whatever ``wrap`` added, so checkpoints always hold the bare model's keys.
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ddp.buckets import keep_one_summation_order
 from ddp.config import DDPConfig
 from ddp.env import DistEnv
 
-log = logging.getLogger(__name__)
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device, env: DistEnv) -> nn.Module:
@@ -50,9 +49,27 @@ def wrap(model: nn.Module, device: torch.device, env: DistEnv, *, sync_bn: bool 
             static_graph=ddp.static_graph,
             find_unused_parameters=ddp.find_unused_parameters,
         )
+        if needs_one_summation_order(ddp, env):
+            keep_one_summation_order(model)
     if compile:
         model = torch.compile(model)
     return model
+
+
+def needs_one_summation_order(ddp: DDPConfig, env: DistEnv) -> bool:
+    """Whether the first step must sum gradients as the later ones do (see ``ddp.buckets``).
+
+    Only with more than 2 ranks (two ranks sum a + b either way) and only when DDP
+    regroups its buckets: ``find_unused_parameters`` keeps the first layout for good.
+    """
+    if not ddp.exact_resume or env.world_size <= 2 or ddp.find_unused_parameters:
+        return False
+    if ddp.static_graph:
+        warnings.warn("ddp.static_graph=true regroups DDP's gradient buckets on its own schedule, so with more "
+                      "than 2 ranks a resumed run ends close to, not bitwise equal to, an uninterrupted one",
+                      stacklevel=3)
+        return False
+    return True
 
 
 def unwrap(model: nn.Module) -> nn.Module:

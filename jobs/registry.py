@@ -65,7 +65,7 @@ def make_job(section: dict, env: DistEnv) -> Job:
     try:
         return cls(config, env)
     except Exception as err:  # noqa: BLE001 - a user's constructor can raise anything
-        raise JobError(f"job {cls.__module__}.{cls.__qualname__} failed in its constructor: "
+        raise JobError(f"job {section.get('name')} failed in its constructor: "
                        f"{type(err).__name__}: {err}") from err
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ddp.failure_text import is_consequence
 from ddp.layout import RunDir
 from ddp.reporting import read_jsonl
 from launcher.slurm.query import SlurmError, cluster_name, not_ours, read_jobs, require_commands, scheduler_view
@@ -35,6 +36,8 @@ _TRACEBACK = re.compile(r"^(?:\[[^\]]*\]:?\s*|\d+:\s*)?Traceback \(most recent c
 _ERROR_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*|\d+:\s*)?(error: |watchdog: |[A-Za-z_.]*(Error|Exception|Timeout)\b)")
 # The trainer's own log lines (ddp.reporting.LOG_FORMAT): an error is logged in one line, its traceback
 # goes to RUN_DIR/logs/rank_N.log.
+# srun on a task that died: "srun: error: n2: task 1: Killed" (or "Exited with exit code 1").
+_TASK_DIED = re.compile(r"srun: error: \S+: tasks? [\d,-]+: (Killed|Exited with exit code|Terminated)")
 _LOGGED_ERROR = re.compile(r"^\d\d:\d\d:\d\d \[rank \d+\] (?:ERROR|CRITICAL) ")
 
 
@@ -54,19 +57,31 @@ def checked_jobs(run_dir: RunDir) -> list[tuple[dict, dict, str | None]]:
 
 
 def first_error(folder: Path, job_id: str, lines: int = 8) -> tuple[Path, list[str]] | None:
-    """The end of the task log (lowest rank first) that holds a traceback or an error line: the root cause."""
+    """The root cause in the tasks' logs: srun's word on a task killed by a signal (it names the node), else
+    the first error that is not a lost peer's, lowest rank first, else any error, else srun's exit codes."""
     def rank_of(path: Path) -> int:
         parts = path.name[len(job_id) + 1:].split("_")
         return int(parts[0]) if parts and parts[0].isdigit() else 0
 
+    found = []
     for path in sorted(folder.glob(f"{job_id}_*_log.err"), key=rank_of):
         text = path.read_text(errors="replace").splitlines()
+        died = [line for line in text if _TASK_DIED.search(line)]
+        killed = [line for line in died if "Exited with exit code" not in line]
+        if killed:  # a task that died by a signal: its own log could not say so
+            found.append((0, rank_of(path), path, killed[-lines:]))
+            continue
+        if died:
+            found.append((3, rank_of(path), path, died[-lines:]))
         marks = [i for i, line in enumerate(text)
                  if _TRACEBACK.match(line) or _ERROR_LINE.match(line) or _LOGGED_ERROR.match(line)]
         if marks:
-            tail = [line for line in text[marks[0]:] if line.strip()]
-            return path, tail[-lines:]
-    return None
+            tail = [line for line in text[marks[0]:] if line.strip()][-lines:]
+            found.append((2 if is_consequence(" ".join(tail)) else 1, rank_of(path), path, tail))
+    if not found:
+        return None
+    _, _, path, tail = min(found, key=lambda item: item[:2])
+    return path, tail
 
 
 def status_text(run_dir: RunDir) -> str:

@@ -240,7 +240,7 @@ def test_bad_input_is_one_clear_message(case, world, capsys):
 
 WORKER_CASES = [
     Case("job-constructor-raises", ["local", "--cpu", "--nproc", "2", "{good}", "job.fail_in_constructor=true"], 1,
-         "error: job _launcher_job_job.TestJob failed in its constructor: ValueError: the job's own constructor "
+         f"error: job {JOB_NAME} failed in its constructor: ValueError: the job's own constructor "
          "failed on purpose"),
     Case("unreadable-image", ["local", "--cpu", "--nproc", "1", "{img}", "data.num_workers=1"], 1,
          "error: cannot read image {tmp}/data/train/dog/broken.png (UnidentifiedImageError",

@@ -201,3 +201,21 @@ def test_a_changed_model_shape_is_a_clear_error_through_launch(tmp_path, uninter
     assert_one_clear_message(result)
     assert "error: the checkpoint's model does not match this config's model" in result.stderr
     assert "launch resume RUN_DIR job.hidden=16" in result.stderr
+
+
+def test_four_ranks_resume_bitwise_after_a_kill(tmp_path):
+    """Past two ranks an all-reduce's sum depends on DDP's bucket layout, which DDP regroups after its
+    first step; ``ddp.exact_resume`` makes the first step sum as the regrouped steps do.
+
+    101 samples over 4 workers, 8 per batch: 4 steps per epoch, 12 in all; checkpoints at 4, 8, 12.
+    """
+    def four_ranks(name: str, faults: list[dict] = ()) -> Path:
+        result = run_launch("local", "--cpu", "--nproc", "4", "--max-restarts", "1",
+                            str(config_file(tmp_path, name, faults=faults)))
+        assert result.returncode == 0, result.stderr
+        return tmp_path / "runs" / name
+
+    clean = four_ranks("clean")
+    killed = four_ranks("killed", faults=[{"kind": "kill", "rank": 3, "at": 6}])
+    assert [(r["step"], r["new_world_size"]) for r in restarts(killed)] == [(4, 4)]
+    assert_same_weights(final_weights(clean), final_weights(killed))

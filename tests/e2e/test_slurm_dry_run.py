@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from launcher.errors import LaunchError
+
 from ddp.layout import RunDir
 from launcher import configs
 from launcher.commands.common import launch_record
@@ -31,7 +33,7 @@ def demo_plan(run_dir: Path, *, nodes="1", nproc_per_node=2, python="/opt/my ven
 @pytest.mark.timeout(60)
 def test_the_rendered_script_runs_nothing_but_srun_with_the_exact_paths(tmp_path):
     """bash runs the script with a stand-in srun: `$(...)` and backticks stay text, each path one argument."""
-    run_dir = tmp_path / "my runs" / "it's \"q\" $(touch pwned) `touch pwned2` \\ ; & | * ~"
+    run_dir = tmp_path / "my runs" / "it's \"q\" $(touch pwned) `touch pwned2` ; & | * ~"
     _, plan = demo_plan(run_dir)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -52,6 +54,12 @@ def test_the_rendered_script_runs_nothing_but_srun_with_the_exact_paths(tmp_path
                     "/opt/my venv/bin/python", "-u", "-P", "-m", "launcher.slurm.task", folder,
                     "2", "", "2", "slurm"]  # OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES (empty), SRUN_CPUS_PER_TASK
     assert not list(tmp_path.rglob("pwned*"))
+
+
+def test_a_backslash_in_the_run_directory_is_refused(tmp_path):
+    """sbatch reads a backslash in #SBATCH paths as an escape: the logs would go elsewhere."""
+    with pytest.raises(LaunchError, match="holds a backslash"):
+        demo_plan(tmp_path / "a \\ b")
 
 
 @pytest.mark.timeout(120)
