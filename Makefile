@@ -3,7 +3,7 @@
 #   make test   create .venv, install, and run the whole test suite (a real SLURM cluster included, as root)
 # For contributors:
 #   make test-fast   the unit tier only (under 30 s)
-#   make lint        ruff: lint and format check
+#   make lint        ruff: lint (imports, bugs, style rules in pyproject.toml)
 #   make bench       the benchmarks (prints figures; never fails on a slow machine)
 PYTHON ?= python3
 VENV ?= .venv
@@ -33,7 +33,6 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from bench.harness import (Scratch, launch_command, raw_args, report, run_in_terminal, torchrun_command,
-                           workload_config)
+from bench.harness import Scratch, launch_command, raw_args, report, run_in_terminal, torchrun_command, workload_config
 from bench.workload import read_probes
 
 BATCH, FIRST, LAST, WINDOW = 256, 20, 220, 20

@@ -13,8 +13,16 @@ from __future__ import annotations
 
 import sys
 
-from bench.harness import Scratch, compare, launch_command, raw_args, report, rounds_from_env, run_in_terminal, \
-    workload_config
+from bench.harness import (
+    Scratch,
+    compare,
+    launch_command,
+    raw_args,
+    report,
+    rounds_from_env,
+    run_in_terminal,
+    workload_config,
+)
 from bench.workload import read_probes
 
 EARLY, LATE, BATCH = 200, 2000, 32

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import WORKLOADS, Probe, make_dataset, make_model  # noqa: E402
+from workload import WORKLOADS, Probe, make_dataset, make_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:

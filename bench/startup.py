@@ -25,8 +25,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.harness import (DEVICE, RAW_TRAIN, ROOT, Scratch, compare, first_metrics_time, launch_command,
-                           ours_launch_args, rounds_from_env, run_in_terminal, torchrun_command)
+from bench.harness import (
+    DEVICE,
+    RAW_TRAIN,
+    ROOT,
+    Scratch,
+    compare,
+    first_metrics_time,
+    launch_command,
+    ours_launch_args,
+    rounds_from_env,
+    run_in_terminal,
+    torchrun_command,
+)
 
 DEMO = ROOT / "configs" / "demo.yaml"
 

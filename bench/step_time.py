@@ -20,8 +20,19 @@ from __future__ import annotations
 import statistics
 import sys
 
-from bench.harness import (DEVICE, BenchError, Scratch, compare, launch_command, ours_launch_args, raw_args,
-                           rounds_from_env, run_in_terminal, torchrun_command, workload_config)
+from bench.harness import (
+    DEVICE,
+    BenchError,
+    Scratch,
+    compare,
+    launch_command,
+    ours_launch_args,
+    raw_args,
+    rounds_from_env,
+    run_in_terminal,
+    torchrun_command,
+    workload_config,
+)
 from bench.workload import read_probes
 
 # (workload, first probed step, last probed step, steps per window, loader workers). The MLP's

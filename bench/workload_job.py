@@ -7,7 +7,6 @@ and probes the same point of each step, so ours and the baseline are measured al
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch.nn.functional as F
 
@@ -20,7 +19,7 @@ class Workload(Job):
     class Config:
         kind: str = "mlp"  # mlp, cnn or digits (see bench.workload)
         size: int = 4096
-        probe_file: Optional[str] = None
+        probe_file: str | None = None
         probe_steps: tuple = ()
 
     def __init__(self, config, env):

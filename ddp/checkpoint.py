@@ -133,7 +133,7 @@ def set_aside(path: Path, why: str) -> Path:
 def load(path: Path, map_location: torch.device | str = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is the same problem for the user
+    except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot load checkpoint {path}: {first_line}. Only checkpoints holding "
                               "tensors and plain values are loaded (weights_only=True)") from None
@@ -236,7 +236,7 @@ class CheckpointWriter:
             finally:
                 self._copied.set()  # on failure too: the error surfaces in wait()
             self._write(state, path, step, is_best, kind)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the training thread by wait()
+        except BaseException as err:
             self._error = err
 
     def _write(self, state: dict, path: Path, step: int, is_best: bool, kind: str) -> None:

@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -41,7 +41,7 @@ class RunConfig:
 class DataConfig:
     batch_size: int = setting(64, "per worker and micro-step; the global batch is this x world size x "
                                   "train.accumulate", at_least=1)
-    eval_batch_size: Optional[int] = setting(None, "validation batch size (null: data.batch_size)", at_least=1)
+    eval_batch_size: int | None = setting(None, "validation batch size (null: data.batch_size)", at_least=1)
     num_workers: int = setting(2, "loader processes per worker (persistent); 0 loads in the training process",
                                at_least=0, at_most=256)
     prefetch_factor: int = setting(2, "batches each loader process prepares ahead", at_least=1, at_most=1024)
@@ -81,7 +81,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class EarlyStopConfig:
-    metric: Optional[str] = setting(None, "the validation metric watched (null: no early stopping)")
+    metric: str | None = setting(None, "the validation metric watched (null: no early stopping)")
     mode: Literal["min", "max"] = setting("min", "whether lower or higher values are better")
     patience: int = setting(5, "evaluations without improvement before the run stops", at_least=1)
     min_delta: float = setting(0.0, "the change that counts as an improvement", at_least=0)
@@ -90,12 +90,12 @@ class EarlyStopConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = setting(1, "epochs to train (the run ends at train.epochs or train.max_steps)", at_least=0)
-    max_steps: Optional[int] = setting(None, "optimizer steps to train at most (null: no limit)", at_least=1)
+    max_steps: int | None = setting(None, "optimizer steps to train at most (null: no limit)", at_least=1)
     precision: Literal["fp32", "fp16", "bf16"] = setting(
         "fp32", "fp16 (autocast and a gradient scaler) or bf16 (autocast, CPU too)")
     accumulate: int = setting(1, "micro-batches per optimizer step; the gradient all-reduce runs on the last "
                                  "(no_sync)", at_least=1)
-    clip_grad_norm: Optional[float] = setting(None, "clip the global gradient norm to this (after unscaling "
+    clip_grad_norm: float | None = setting(None, "clip the global gradient norm to this (after unscaling "
                                                     "under fp16)", above=0)
     sync_bn: bool = setting(False, "BatchNorm -> SyncBatchNorm on CUDA with more than one worker")
     channels_last: bool = setting(False, "channels-last memory format for the model and images")
@@ -113,10 +113,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: Optional[int] = setting(None, "also checkpoint every N optimizer steps (always at the end of "
+    every_steps: int | None = setting(None, "also checkpoint every N optimizer steps (always at the end of "
                                                "each epoch and at a stop)", at_least=1)
     keep_last: int = setting(2, "valid step checkpoints kept (the newest valid one is never deleted)", at_least=1)
-    best_metric: Optional[str] = setting("val/accuracy", "what best.pt is best at (null: no best.pt)")
+    best_metric: str | None = setting("val/accuracy", "what best.pt is best at (null: no best.pt)")
     best_mode: Literal["max", "min"] = setting("max", "whether higher or lower values of best_metric are better")
     async_save: bool = setting(False, "copy to host memory, write in a background thread")
     resume: bool = setting(True, "resume from the run directory's latest valid checkpoint (false: start over; "
@@ -125,7 +125,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class DDPConfig:
-    backend: Optional[Literal["nccl", "gloo"]] = setting(None, "process group backend (null: nccl on CUDA, "
+    backend: Literal["nccl", "gloo"] | None = setting(None, "process group backend (null: nccl on CUDA, "
                                                                "else gloo)")
     timeout_s: float = setting(1800.0, "collective timeout; raised to outlast the watchdog",
                                at_least=10, at_most=7 * 24 * 3600)

@@ -41,7 +41,7 @@ def code_revision() -> str:
         from importlib.metadata import version
 
         return f"ddp-launcher {version('ddp-launcher')}"
-    except Exception:  # noqa: BLE001 - not installed as a package: nothing to compare
+    except Exception:
         return "unknown"
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
-from typing import Iterator
 
 import numpy as np
 import torch

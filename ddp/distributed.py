@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import datetime
 import errno
-import os
 import ipaddress
 import logging
+import os
 import socket
 from contextlib import contextmanager
 from typing import Any
@@ -197,7 +197,7 @@ def on_main_then_agree(action, is_main: bool, wrap_error):
     if is_main:
         try:
             result = action()
-        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        except Exception as err:
             error = err
     failure = None if error is None else (type(error).__name__, str(error))
     failure, result = broadcast_object((failure, result))

@@ -6,6 +6,8 @@ worker writes. Torch-free.
 
 from __future__ import annotations
 
+import signal
+
 # A rank that lost its peer fails too, often within the same second: such errors are
 # consequences of another rank's failure, not the root cause.
 CONSEQUENCES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
@@ -31,8 +33,13 @@ def split_error(text: str) -> tuple[str, str]:
     return name.rsplit(".", 1)[-1], message.strip()
 
 
-def is_consequence(text: str | None) -> bool:
-    return bool(text) and any(marker in text for marker in CONSEQUENCES)
+# The agent ends the survivors of a failed worker with SIGTERM.
+ENDED_BY_AGENT = -signal.SIGTERM
+
+
+def is_consequence(text: str | None, exit_code: int | None = None) -> bool:
+    """Whether a failure (its error text, its exit code) follows from another rank's."""
+    return exit_code == ENDED_BY_AGENT or (bool(text) and any(marker in text for marker in CONSEQUENCES))
 
 
 def first_line(text: str, limit: int = 300) -> str:

@@ -33,8 +33,9 @@ A job never touches process groups, samplers, ``set_epoch`` or the optimizer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +57,7 @@ class Job:
     class Config:
         """Override with the job's own keys: a frozen dataclass, its fields declared with ``ddp.setting``."""
 
-    def __init__(self, config: Any, env: "DistEnv"):
+    def __init__(self, config: Any, env: DistEnv):
         self.config = config  # an instance of type(self).Config
         self.env = env
 
@@ -68,21 +69,21 @@ class Job:
         for SLURM, the data may be visible only to the compute nodes, so it is not called there.
         """
 
-    def build_model(self) -> "nn.Module":
+    def build_model(self) -> nn.Module:
         """The bare model; the core moves it to the device and wraps it in DDP."""
         raise NotImplementedError
 
-    def build_datasets(self) -> "tuple[Dataset, Dataset | None]":
+    def build_datasets(self) -> tuple[Dataset, Dataset | None]:
         """(train, validation). Items are whatever ``training_step`` expects; tensors in them
         are moved to the device by the core. Random augmentations must draw from
         torch / numpy / random's global generators (the core seeds them per sample)."""
         raise NotImplementedError
 
-    def training_step(self, model: "nn.Module", batch: Any) -> "torch.Tensor":
+    def training_step(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The scalar loss of one micro-batch (the core scales, backpropagates and steps)."""
         raise NotImplementedError
 
-    def evaluation_step(self, model: "nn.Module", batch: Any) -> Metrics:
+    def evaluation_step(self, model: nn.Module, batch: Any) -> Metrics:
         """Sums and counts for one validation batch, e.g. ``{"accuracy": (correct, n)}``."""
         return {}
 

@@ -76,7 +76,7 @@ class Owner:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
-    def of_this_process(cls, kind: str, **details) -> "Owner":
+    def of_this_process(cls, kind: str, **details) -> Owner:
         command = details.pop("command", None) or shlex.join(sys.argv)
         return cls(kind=kind, command=command, start_ticks=process_start_ticks(os.getpid()), **details)
 
@@ -196,7 +196,7 @@ class RunLock:
         finally:
             guard.unlink(missing_ok=True)
 
-    def start_refreshing(self) -> "RunLock":
+    def start_refreshing(self) -> RunLock:
         """Touch the lock every REFRESH_S seconds from a daemon thread, so other nodes see it live."""
         if self._thread is None and (self._held or self.joined):
             self._thread = threading.Thread(target=self._refresh, name="run-lock", daemon=True)
@@ -221,7 +221,7 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
             self._held = False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc) -> None:

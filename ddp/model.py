@@ -17,7 +17,6 @@ from ddp.config import DDPConfig
 from ddp.env import DistEnv
 
 
-
 def convert_sync_batchnorm(model: nn.Module, device: torch.device, env: DistEnv) -> nn.Module:
     """BatchNorm -> SyncBatchNorm where torch supports it: CUDA with a process group.
 

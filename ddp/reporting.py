@@ -175,7 +175,7 @@ class Waited:
         self._iterator = iter(iterable)
         self.seconds = 0.0
 
-    def __iter__(self) -> "Waited":
+    def __iter__(self) -> Waited:
         return self
 
     def __next__(self):

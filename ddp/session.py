@@ -40,9 +40,9 @@ from torch.utils.data import Dataset
 from ddp import distributed, rng
 from ddp.checkpointer import Checkpointer
 from ddp.config import DDPConfig
-from ddp.loader import ResumableLoader
 from ddp.env import DistEnv, read_env
 from ddp.layout import RunDir
+from ddp.loader import ResumableLoader
 from ddp.model import wrap
 from ddp.signals import StopRequest, StopVote
 
@@ -121,7 +121,7 @@ class Session:
             self.stop.uninstall()
         distributed.destroy_process_group()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:

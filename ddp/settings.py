@@ -23,8 +23,9 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 
 class ConfigError(ValueError):
@@ -73,7 +74,8 @@ def _number(value: float) -> str:
 
 
 def setting(default: Any, doc: str, **rule: Any) -> Any:
-    """A dataclass field with its rule: ``at_least``, ``above``, ``at_most``, ``below``, ``length``, ``path``, ``check``."""
+    """A dataclass field with its rule: ``at_least``, ``above``, ``at_most``, ``below``, ``length``, ``path``,
+    ``check``."""
     metadata = {"rule": Rule(doc=doc, **rule)}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)

@@ -43,7 +43,7 @@ class StopRequest:
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt("a second Ctrl-C: stopping at once, without a checkpoint")
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -54,7 +54,7 @@ class StopRequest:
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         return self.install()
 
     def __exit__(self, *exc) -> None:

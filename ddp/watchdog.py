@@ -216,7 +216,7 @@ class Watchdog:
 
     # -- the thread -------------------------------------------------------------------------------
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         if not self.enabled or self._thread is not None:
             return self
         self.beat(self._beat.step, "starting")
@@ -237,7 +237,7 @@ class Watchdog:
         self._stack_file.close()
         self.run_dir.heartbeat(self.env.rank).unlink(missing_ok=True)
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -47,8 +47,8 @@ class DataSpec:
     image_size: int
 
 
-def describe(name: str, *, data_dir: Optional[str] = None, num_classes: Optional[int] = None,
-             image_size: Optional[int] = None) -> DataSpec:
+def describe(name: str, *, data_dir: str | None = None, num_classes: int | None = None,
+             image_size: int | None = None) -> DataSpec:
     """The shape of a dataset's images and its number of classes, without loading it.
 
     ``num_classes`` overrides the dataset's count (it may be larger, not smaller);
@@ -70,7 +70,7 @@ def describe(name: str, *, data_dir: Optional[str] = None, num_classes: Optional
     return DataSpec(in_channels=channels, num_classes=num_classes or found, image_size=size)
 
 
-def prepare(name: str, *, data_dir: Optional[str] = None, download: bool = False) -> None:
+def prepare(name: str, *, data_dir: str | None = None, download: bool = False) -> None:
     """Downloads, if asked for: call once (on rank 0) before ``build`` in any process."""
     _check_name(name)
     if name in ("cifar10", "mnist") and download:
@@ -85,9 +85,9 @@ def prepare(name: str, *, data_dir: Optional[str] = None, download: bool = False
                                    f"files into {root} and set job.download=false") from err
 
 
-def build(name: str, *, data_dir: Optional[str] = None, download: bool = False, augment: bool = True,
-          image_size: Optional[int] = None, num_classes: Optional[int] = None, fake_size: int = 512,
-          val_fraction: float = 0.2) -> tuple[Dataset, Optional[Dataset]]:
+def build(name: str, *, data_dir: str | None = None, download: bool = False, augment: bool = True,
+          image_size: int | None = None, num_classes: int | None = None, fake_size: int = 512,
+          val_fraction: float = 0.2) -> tuple[Dataset, Dataset | None]:
     """(train, val) for a dataset name; see the module docstring for the layouts on disk."""
     _check_name(name)
     if name == "digits":
@@ -106,7 +106,7 @@ def _check_name(name: str) -> None:
         raise DatasetError(f"unknown dataset {name!r}; valid names are {', '.join(DATASETS)}")
 
 
-def _check_digits_size(image_size: Optional[int]) -> None:
+def _check_digits_size(image_size: int | None) -> None:
     if image_size not in (None, 8):
         raise DatasetError(f"the digits images are 8x8; unset job.image_size (got {image_size})")
 
@@ -135,7 +135,7 @@ class TensorImages(Dataset):
         return image, int(self.labels[index])
 
 
-def build_digits(val_fraction: float = 0.2, augment: bool = True) -> tuple[Dataset, Optional[Dataset]]:
+def build_digits(val_fraction: float = 0.2, augment: bool = True) -> tuple[Dataset, Dataset | None]:
     """scikit-learn's bundled 8x8 digits, scaled to [0, 1], split with a fixed seed.
 
     The split does not depend on the run's seed, so every rank and every run
@@ -195,7 +195,7 @@ def load_image(path: str):
                            "delete or replace the file") from err
 
 
-def build_imagefolder(data_dir: Optional[str], image_size: int = 224,
+def build_imagefolder(data_dir: str | None, image_size: int = 224,
                       augment: bool = True) -> tuple[Dataset, Dataset]:
     """``data_dir/{train,val}/<class>/<image>`` with ImageNet-style transforms and normalisation."""
     from torchvision import transforms as T
@@ -225,7 +225,7 @@ def build_imagefolder(data_dir: Optional[str], image_size: int = 224,
     return ImageFiles(train_samples, classes, training), ImageFiles(val_samples, classes, evaluation)
 
 
-def _split_dir(data_dir: Optional[str], split: str) -> str:
+def _split_dir(data_dir: str | None, split: str) -> str:
     layout = "data_dir/train/<class>/<image> and data_dir/val/<class>/<image>"
     if not data_dir:
         raise DatasetError(f"the imagefolder dataset needs job.data_dir, a folder laid out as {layout}")
@@ -280,8 +280,8 @@ def build_fake(size: int = 512, image_size: int = 32, num_classes: int = 10,
     return train, val
 
 
-def build_torchvision(name: str, data_dir: Optional[str], download: bool = False, augment: bool = True,
-                      image_size: Optional[int] = None) -> tuple[Dataset, Dataset]:
+def build_torchvision(name: str, data_dir: str | None, download: bool = False, augment: bool = True,
+                      image_size: int | None = None) -> tuple[Dataset, Dataset]:
     """CIFAR-10 or MNIST from ``data_dir``. Never downloads: ``prepare`` does that, on rank 0."""
     from torchvision import transforms as T
 
@@ -311,7 +311,7 @@ def build_torchvision(name: str, data_dir: Optional[str], download: bool = False
         raise DatasetError(f"{name} not found in {root} {hint} ({err})") from err
 
 
-def _root(name: str, data_dir: Optional[str]) -> str:
+def _root(name: str, data_dir: str | None) -> str:
     if not data_dir:
         raise DatasetError(f"the {name} dataset needs job.data_dir, the folder that holds (or will hold, "
                            "with job.download=true) its files")

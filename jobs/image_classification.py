@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,11 @@ class ImageClassification(Job):
         dataset: Literal["digits", "fake", "imagefolder", "cifar10", "mnist"] = setting(
             "digits", "digits (scikit-learn's bundled 1,797 8x8 digits), fake (torchvision FakeData), "
                       "imagefolder, cifar10, mnist")
-        data_dir: Optional[str] = setting(None, "imagefolder: a folder with train/<class>/<image> and "
+        data_dir: str | None = setting(None, "imagefolder: a folder with train/<class>/<image> and "
                                                 "val/<class>/<image>; cifar10/mnist: their root", path=True)
         download: bool = setting(False, "cifar10/mnist: download into data_dir (needs a network)")
-        num_classes: Optional[int] = setting(None, "override the dataset's number of classes", at_least=1)
-        image_size: Optional[int] = setting(None, "override the image size (224 for imagefolder, 32 for fake, "
+        num_classes: int | None = setting(None, "override the dataset's number of classes", at_least=1)
+        image_size: int | None = setting(None, "override the image size (224 for imagefolder, 32 for fake, "
                                                   "native otherwise)", at_least=1, at_most=4096)
         fake_size: int = setting(512, "fake: training samples (validation: a quarter of that)", at_least=1)
         augment: bool = setting(True, "random crops and flips (translation for digits) on the training set")
@@ -49,7 +49,7 @@ class ImageClassification(Job):
                                       at_least=0, below=1)
 
     @classmethod
-    def preflight(cls, config: "ImageClassification.Config") -> None:
+    def preflight(cls, config: ImageClassification.Config) -> None:
         """The data's folders, where it is cheap to look (not the images): the most common mistake,
         found here in a second rather than after every worker started."""
         try:

@@ -64,7 +64,7 @@ def make_job(section: dict, env: DistEnv) -> Job:
     cls, config = job_config(section)
     try:
         return cls(config, env)
-    except Exception as err:  # noqa: BLE001 - a user's constructor can raise anything
+    except Exception as err:
         raise JobError(f"job {section.get('name')} failed in its constructor: "
                        f"{type(err).__name__}: {err}") from err
 

@@ -94,7 +94,8 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     slurm.add_argument("--cpu", action="store_true", help="CPU workers with gloo, no GPUs")
     slurm.add_argument("--nproc-per-node", type=int, help="CPU workers (tasks) per node with --cpu (default 1)")
     for option in OPTIONS:
-        slurm.add_argument(option.cli_flag, dest=option.name, type=option.kind, help=f"{option.doc} (slurm.{option.name})")
+        slurm.add_argument(option.cli_flag, dest=option.name, type=option.kind,
+                           help=f"{option.doc} (slurm.{option.name})")
     slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]",
                        help="any other sbatch option, repeatable: --sbatch mail-type=END --sbatch exclusive")
     slurm.add_argument("--no-array", dest="array", action="store_false",
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `launch status RUN | head`: the reader has gone, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
-    except Exception as err:  # noqa: BLE001 - known errors in one line, the traceback in the debug log
+    except Exception as err:
         if known_error(err):
             print(f"error: {err}", file=sys.stderr)
             logging.getLogger(__name__).debug("details", exc_info=True)

@@ -36,7 +36,7 @@ class RunConfig:
     def run_dir(self) -> RunDir:
         return RunDir(Path(self.config.run.dir) / self.config.run.name)
 
-    def with_config(self, config: Config) -> "RunConfig":
+    def with_config(self, config: Config) -> RunConfig:
         return dataclasses.replace(self, config=config)
 
 

@@ -3,7 +3,8 @@
 When one worker fails, the others usually fail too, a moment later, because
 their peer is gone ("Connection closed by peer"): those are consequences. The
 root cause is the first failure that is not one, among those within two
-seconds of the first (torch stamps failures in whole seconds).
+seconds of the first (torch stamps failures in whole seconds). A worker ended
+by SIGTERM is one too: the agent ends the survivors of a failure with it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def root_cause(failures: dict) -> tuple[int, object]:
     """(rank, failure) of the root cause among ``{rank: ProcessFailure}``."""
     earliest = min(failure.timestamp for failure in failures.values())
     close = [(rank, failure) for rank, failure in failures.items() if failure.timestamp <= earliest + 2]
-    return min(close, key=lambda item: (is_consequence(failure_text(item[1])), item[1].timestamp, item[0]))
+    return min(close, key=lambda item: (is_consequence(failure_text(item[1]), item[1].exitcode), item[1].timestamp,
+                                        item[0]))
 
 
 def describe_failure(failures: dict, run_dir: RunDir | Path) -> str:

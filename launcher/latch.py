@@ -16,7 +16,7 @@ class SignalLatch:
     def __init__(self):
         self.received: list[int] = []
 
-    def install(self) -> "SignalLatch":
+    def install(self) -> SignalLatch:
         for signum in STOP_SIGNALS:
             signal.signal(signum, lambda signum, frame: self.received.append(signum))
         return self

@@ -18,12 +18,12 @@ from launcher.latch import SignalLatch
 
 _latch = SignalLatch().install()  # before torch is imported: a stop signal then is kept, not fatal
 
-import logging  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import logging
+import os
+import sys
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from ddp.codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_RESUMABLE
@@ -85,7 +85,7 @@ def run(argv: list[str]) -> int:
         code = main(argv, stop)
     except KeyboardInterrupt:  # a second Ctrl-C
         code = EXIT_INTERRUPTED
-    except Exception as err:  # noqa: BLE001 - in the rank's log already, with its traceback
+    except Exception as err:
         failure = f"{type(err).__name__}: {err}"
     ignore_stop_signals()
     if failure is not None and "TORCHELASTIC_ERROR_FILE" not in os.environ:

@@ -76,6 +76,6 @@ def _failure_recorded(run_dir: RunDir, env: DistEnv, log_file: Path):
                 traceback.print_exc(file=handle)
             if env.is_main:
                 write_run_state(run_dir, "failed", error=text)
-        except Exception:  # noqa: BLE001 - a full disk: the original error is what matters
+        except Exception:
             pass
         raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -19,9 +18,9 @@ from ddp import distributed, rng
 from ddp.config import Config
 from ddp.consistency import check_ranks_agree
 from ddp.data import ShardSampler
-from ddp.loader import ResumableLoader, make_loader, shut_down
 from ddp.job import Job, JobError
 from ddp.layout import RunDir
+from ddp.loader import ResumableLoader, make_loader, shut_down
 from ddp.model import ddp_module, unwrap
 from ddp.optim import build_optimizer
 from ddp.precision import grad_scaler

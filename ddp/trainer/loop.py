@@ -51,7 +51,8 @@ class Trainer:
     def __init__(self, config: Config, run_dir: RunDir, session: Session, parts: Parts, watchdog: Watchdog):
         self.config, self.run_dir, self.session, self.parts, self.watchdog = config, run_dir, session, parts, watchdog
         self.env, self.device = session.env, session.device
-        self.model, self.optimizer, self.schedule, self.scaler = parts.model, parts.optimizer, parts.schedule, parts.scaler
+        self.model, self.optimizer = parts.model, parts.optimizer
+        self.schedule, self.scaler = parts.schedule, parts.scaler
         self.loader = parts.train_loader
         self.state = TrainState()
         c = config.checkpoint

@@ -9,8 +9,16 @@ from ddp.codes import EXIT_OK
 from ddp.config import dump_yaml
 from ddp.layout import RunDir
 from launcher import configs
-from launcher.commands.common import (launch_record, load_config_target, results_line, script_entry,
-                                      script_points, script_record, script_run_dir, visible_gpus)
+from launcher.commands.common import (
+    launch_record,
+    load_config_target,
+    results_line,
+    script_entry,
+    script_points,
+    script_record,
+    script_run_dir,
+    visible_gpus,
+)
 from launcher.errors import LaunchError
 from launcher.local.plan import Entry, LocalPlan, Request, machine_facts, plan_local
 from launcher.runs import claim, this_command

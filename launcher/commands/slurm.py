@@ -21,7 +21,13 @@ from ddp.config import dump_yaml
 from ddp.layout import RunDir, SweepDir
 from ddp.settings import ConfigError
 from launcher import configs
-from launcher.commands.common import launch_record, load_config_target, script_entry, script_points, script_record, script_run_dir
+from launcher.commands.common import (
+    launch_record,
+    load_config_target,
+    script_entry,
+    script_points,
+    script_run_dir,
+)
 from launcher.errors import LaunchError
 from launcher.listing import read_state
 from launcher.runs import Claim, claim, write_text_atomic
@@ -41,7 +47,8 @@ def request_of(options) -> Request:
 
 def with_command_line(slurm, options):
     """The config's slurm: section with the command line's options on top (the command line wins)."""
-    given = {option.name: getattr(options, option.name) for option in OPTIONS if getattr(options, option.name) is not None}
+    given = {option.name: getattr(options, option.name) for option in OPTIONS
+             if getattr(options, option.name) is not None}
     additional = {**slurm.additional, **parse_sbatch_flags(options.sbatch)}
     return dataclasses.replace(slurm, **given, additional=additional)
 
@@ -122,7 +129,7 @@ def submit_runs(plan: SlurmPlan, runs: list, config_file: str | None,
     require_commands("sbatch", "srun", "scontrol")
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for element, config in runs:
+    for element, _config in runs:
         run_dir = RunDir(element.run_dir)
         if run_dir.slurm_record.is_file():
             busy = active_jobs(run_dir)
@@ -163,7 +170,7 @@ def submit_runs(plan: SlurmPlan, runs: list, config_file: str | None,
         for claimed in held:
             claimed.release()  # the job's rank 0 takes the lock when it starts
     cluster = cluster_name()
-    for (element, claimed), job_id in zip(submitting, job_ids):
+    for (element, _claimed), job_id in zip(submitting, job_ids):
         record_job(RunDir(element.run_dir), plan, job_id, cluster, submitted)
     if plan.array:
         sweep = SweepDir(plan.folder.parent)

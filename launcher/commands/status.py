@@ -31,7 +31,7 @@ def local_status(run_dir: RunDir) -> str:
     s = summarize(run_dir)
     lines = [f"run directory  {run_dir.path}",
              f"state          {s.state}" + (f" ({s.where})" if s.where else "") + (f": {s.detail}" if s.detail else ""),
-             f"progress       " + (f"step {s.step}, epoch {s.epoch}" if s.step is not None else "no step recorded yet")
+             "progress       " + (f"step {s.step}, epoch {s.epoch}" if s.step is not None else "no step recorded yet")
              + f"; last checkpoint {s.checkpoint or 'none yet'}"]
     if s.loss is not None or s.metric:
         metric = f", {s.metric[0]} {s.metric[1]:.4g}" if s.metric else ""

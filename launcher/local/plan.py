@@ -136,7 +136,7 @@ class LocalPlan:
         return data
 
     @classmethod
-    def from_record(cls, data: dict) -> "LocalPlan":
+    def from_record(cls, data: dict) -> LocalPlan:
         data = dict(data)
         data["run_dir"] = Path(data["run_dir"])
         data["entry"] = Entry(**{**data["entry"], "args": tuple(data["entry"].get("args", ())),

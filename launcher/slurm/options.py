@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from ddp.settings import no_control_characters, setting
 
@@ -66,7 +66,7 @@ _OPTION_NAME = re.compile(r"[a-z][a-z0-9-]*")
 
 def _fields():
     for option in OPTIONS:
-        hint = Optional[option.kind] if option.default is None else option.kind
+        hint = option.kind | None if option.default is None else option.kind
         yield option.name, hint, setting(option.default, option.doc, **option.rule)
     yield ("additional", dict, setting({}, "any other sbatch option, name: value (true: a flag), e.g. "
                                            "{mail-type: END, exclusive: true}"))

@@ -74,10 +74,11 @@ class SlurmPlan:
         nodes = f"{self.nodes} node(s)" + (" (as many as SLURM gives)" if "-" in self.nodes else "")
         lines = [
             f"world size     up to {self.max_world_size} ({nodes} x {self.tasks_per_node} task(s), {resources})",
-            f"cpus           {self.cpus_per_task} per task (SRUN_CPUS_PER_TASK); OMP_NUM_THREADS={self.threads_per_task}",
-            f"rendezvous     rank 0's node, a port outside the ephemeral range chosen per job",
-            f"on {WARNING_SIGNAL}        checkpoint and requeue ({WARNING_SIGNAL} {self.signal_delay_s} s before the time "
-            f"limit; at most {self.max_requeues} requeue(s))",
+            f"cpus           {self.cpus_per_task} per task (SRUN_CPUS_PER_TASK); "
+            f"OMP_NUM_THREADS={self.threads_per_task}",
+            "rendezvous     rank 0's node, a port outside the ephemeral range chosen per job",
+            f"on {WARNING_SIGNAL}        checkpoint and requeue ({WARNING_SIGNAL} {self.signal_delay_s} s before "
+            f"the time limit; at most {self.max_requeues} requeue(s))",
             f"submission     {'one array job of ' + str(len(self.elements)) + ' runs' if self.array else 'one job'}"
             + (f", at most {self.array_parallelism} at once" if self.array and self.array_parallelism else ""),
             f"task logs      {self.folder}/JOBID_RANK_log.out|err and RUN_DIR/logs/rank_RANK.log",
@@ -91,12 +92,12 @@ class SlurmPlan:
         data["folder"] = str(self.folder)
         return {"mode": "slurm", **data}
 
-    def for_element(self, element: Element) -> "SlurmPlan":
+    def for_element(self, element: Element) -> SlurmPlan:
         """The plan of one run on its own (a sweep's runs submitted one job each, or a resubmission)."""
         return dataclasses.replace(self, elements=(element,), folder=element.run_dir / "slurm", array=False)
 
     @classmethod
-    def from_record(cls, data: dict) -> "SlurmPlan":
+    def from_record(cls, data: dict) -> SlurmPlan:
         data = {key: value for key, value in data.items() if key in {f.name for f in dataclasses.fields(cls)}}
         data["elements"] = tuple(Element(Path(e["run_dir"]), Entry(**{**e["entry"], "args": tuple(e["entry"]["args"]),
                                                                        "source": tuple(e["entry"].get("source", ()))}))

@@ -18,6 +18,7 @@ import time
 
 from ddp.layout import RunDir
 
+
 # A value runs to the next " Key=": paths (StdOut, Command, WorkDir) and job names may hold spaces.
 class SlurmError(RuntimeError):
     """SLURM is missing, refused a request or reports a failure; the message includes what SLURM said."""

@@ -129,8 +129,9 @@ def describe_submission(plan: SlurmPlan, job_ids: list[str], resuming: list[bool
                   + (" (resumes from the run's last checkpoint)" if resumes else ""),
                   f"  run directory  {element.run_dir}"]
     stem = "%A_%a" if plan.array else job_ids[0]
+    followed = plan.elements[0].run_dir if len(plan.elements) == 1 else plan.folder.parent
     lines += [f"  task logs      {plan.folder}/{stem}_RANK_log.out|err, RUN_DIR/logs/rank_RANK.log",
-              f"  follow         launch status {shlex.quote(str(plan.elements[0].run_dir if len(plan.elements) == 1 else plan.folder.parent))}"]
+              f"  follow         launch status {shlex.quote(str(followed))}"]
     return "\n".join(lines)
 
 

@@ -208,7 +208,7 @@ class SlurmTask:
             while os.environ.get("RANK") == "0" and done < world and time.time() < deadline:
                 time.sleep(0.2)
                 done = store.add("launch/tasks_done", 0)
-        except Exception as err:  # noqa: BLE001 - a lost peer: nothing to wait for
+        except Exception as err:
             print(f"launch: not waiting for the other tasks: {err}", file=sys.stderr, flush=True)
 
     # -- running the worker --------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         process_job(argv[0])
         code = 0
-    except BaseException as err:  # noqa: BLE001 - submitit has written the error for its job object
+    except BaseException as err:
         print(f"launch: task failed: {type(err).__name__}: {err}", file=sys.stderr)
     finally:
         signal_ignore_stops()

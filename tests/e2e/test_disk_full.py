@@ -32,13 +32,13 @@ def small_disk(tmp_path):
 
 
 def fill(directory) -> None:
-    with open(directory / "filler", "wb") as handle:
-        try:
+    """Writes until the file system is full (creating the file may already fail on a full one)."""
+    try:
+        with open(directory / "filler", "ab", buffering=0) as handle:
             while True:
                 handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
+    except OSError:
+        pass
 
 
 def sections(run_dir_parent, name: str) -> dict:

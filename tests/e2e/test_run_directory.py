@@ -15,10 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
+
 from ddp.codes import EXIT_RESUMABLE, EXIT_USAGE
 from ddp.layout import RunDir, list_step_checkpoints, marker_path, sha256_of, verify
-from tests.support.helpers import (REPO, assert_same_weights, final_weights, run_launch, start_launch, wait_for,
-                                   write_config)
+from tests.support.helpers import (
+    REPO,
+    assert_same_weights,
+    final_weights,
+    run_launch,
+    start_launch,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -81,7 +89,7 @@ def test_a_second_launch_of_a_running_run_is_refused_naming_the_owner(tmp_path):
     try:
         second = launch(config, cwd=tmp_path)
         assert second.returncode == EXIT_USAGE
-        assert f"is in use by `launch local" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert "is in use by `launch local" in second.stderr and f"pid {first.pid}" in second.stderr
         assert f"kill -TERM {first.pid}" in second.stderr
         assert second.stderr.count("error:") == 1
     finally:
@@ -223,7 +231,8 @@ def test_async_saves_loader_processes_and_repeated_stops_never_hang(tmp_path):
     for cycle, delay in enumerate(delays):
         log = tmp_path / f"cycle-{cycle}.log"
         process = start_launch("local", "--cpu", "--nproc", "2", str(config), *extra, cwd=tmp_path, log=log)
-        wait_for(lambda: "INFO epoch" in log.read_text() or process.poll() is not None, 120, what="training")
+        wait_for(lambda log=log, process=process: "INFO epoch" in log.read_text() or process.poll() is not None,
+                 120, what="training")
         time.sleep(delay)
         process.send_signal(signal.SIGTERM)
         try:

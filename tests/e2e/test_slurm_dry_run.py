@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import LaunchError
-
 from ddp.layout import RunDir
 from launcher import configs
 from launcher.commands.common import launch_record
+from launcher.errors import LaunchError
 from launcher.local.plan import Entry
 from launcher.runs import claim
 from launcher.slurm.plan import Element, Request, plan_slurm

@@ -44,8 +44,8 @@ def _evaluate(rank):
     from torch.utils.data import TensorDataset
 
     from ddp.data import ShardSampler
-    from ddp.loader import make_loader
     from ddp.evaluation import evaluate
+    from ddp.loader import make_loader
     from ddp.session import init
 
     with init(seed=0, device="cpu") as session:

@@ -44,7 +44,6 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -103,12 +102,12 @@ class TestJob(Job):
         ballast_mb: float = 0.0
         rank_dependent_model: bool = False  # rank r's model has r extra outputs
         fail_in_constructor: bool = False
-        record_dir: Optional[str] = None
-        marker_dir: Optional[str] = None
+        record_dir: str | None = None
+        marker_dir: str | None = None
         faults: tuple = ()
         save_delay_s: float = 0.0  # rank 0 sleeps this long inside every checkpoint write
         step_sleep_s: float = 0.0  # every training step sleeps this long
-        slow_rank: Optional[int] = None  # this rank sleeps slow_s more in every step
+        slow_rank: int | None = None  # this rank sleeps slow_s more in every step
         slow_s: float = 0.0
 
     def __init__(self, config, env):

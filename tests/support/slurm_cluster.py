@@ -27,8 +27,8 @@ import fcntl
 import os
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -202,7 +202,7 @@ def _release(rundir: Path, me: int) -> None:
         try:
             proc = _run_script("stop", str(rundir), timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            warnings.warn(f"scripts/slurm_cluster.sh stop timed out after {STOP_TIMEOUT_S} s")
+            warnings.warn(f"scripts/slurm_cluster.sh stop timed out after {STOP_TIMEOUT_S} s", stacklevel=2)
             return
         if proc.returncode != 0:
-            warnings.warn(f"scripts/slurm_cluster.sh stop failed:\n{_tail(proc.stderr)}")
+            warnings.warn(f"scripts/slurm_cluster.sh stop failed:\n{_tail(proc.stderr)}", stacklevel=2)

@@ -7,7 +7,6 @@ would pass it: one message naming the key and the value, exit code 2, and no run
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import yaml

@@ -8,6 +8,7 @@ from torch.distributed.elastic.agent.server.api import RunResult, WorkerState
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from ddp.layout import RunDir
+from launcher.failures import describe_failure
 from launcher.local.agent import _failures
 from launcher.restarts import NO_REPORT, describe_cause, record_restart
 
@@ -35,6 +36,15 @@ def test_the_failures_are_listed_root_cause_first(tmp_path):
     assert cause.endswith("rank 0: RuntimeError: Connection closed by peer")  # its first line only
     assert _failures(None) == []
     assert describe_cause([]).startswith("unknown")
+
+
+def test_a_worker_the_agent_ended_is_not_the_root_cause(tmp_path):
+    # Rank 1 aborted at exit; the agent then ended rank 0 with SIGTERM, in the same second.
+    failures = {0: failed(tmp_path, 0, -15, None), 1: failed(tmp_path, 1, -6, None)}
+    assert [item["rank"] for item in _failures(RunResult(state=WorkerState.FAILED, failures=failures))] == [1, 0]
+    report = describe_failure(failures, tmp_path)
+    assert report.startswith("error: worker rank 1 failed (exit code -6, pid 4001): killed by signal SIGABRT")
+    assert "other failed ranks (most likely as a consequence): 0" in report
 
 
 def test_a_restart_is_one_line_with_why_and_where_it_resumes(tmp_path, capsys):

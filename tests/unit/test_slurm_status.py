@@ -6,8 +6,7 @@ import pytest
 
 from ddp.layout import RunDir
 from launcher.slurm import status as slurm_status
-from launcher.slurm.query import not_ours, parse_scontrol
-from launcher.slurm.query import SlurmError
+from launcher.slurm.query import SlurmError, not_ours, parse_scontrol
 
 SCONTROL = ("JobId=12 JobName=demo run UserId=root(0) GroupId=root(0) Priority=1 JobState=NODE_FAIL "
             "Reason=NodeDown Dependency=(null) Requeue=1 Restarts=1 BatchFlag=1 ExitCode=0:0 RunTime=00:00:31 "

@@ -10,12 +10,12 @@ import signal
 
 import pytest
 
+from ddp.codes import STOP_SIGNALS as STOPS
 from ddp.env import port_for_job, read_env
 from ddp.layout import RunDir
 from ddp.signals import StopRequest
-from launcher.slurm import task as slurm_task
-from ddp.codes import STOP_SIGNALS as STOPS
 from launcher.latch import SignalLatch
+from launcher.slurm import task as slurm_task
 from launcher.slurm.task import (
     RequeueError,
     SlurmTask,
