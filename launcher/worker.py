@@ -33,7 +33,7 @@ from ddp.layout import RunDir
 from ddp.process import die_with_parent, pin_to_share
 from ddp.reporting import setup_logging
 from ddp.signals import StopRequest, ignore_stop_signals
-from ddp.trainer import _failure_recorded, run_training
+from ddp.trainer import failure_recorded, run_training
 from jobs.registry import make_job
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str], stop: StopRequest | None = None) -> int:
     env = read_env()
     # A job that fails in its constructor is reported like a failure in training: its message on the
     # console, its traceback in the rank's log, "failed" in state.json.
-    with _failure_recorded(run_dir, env, setup_logging(run_dir, env)):
+    with failure_recorded(run_dir, env, setup_logging(run_dir, env)):
         job = make_job(config.job, env)
     outcome = run_training(config, run_dir, env, job, stop=stop)
     return EXIT_RESUMABLE if outcome.status == "stopped" else EXIT_OK

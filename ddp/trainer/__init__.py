@@ -42,7 +42,7 @@ def run_training(config: Config, run_dir: str | Path | RunDir, env: DistEnv, job
     """
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     log_file = setup_logging(run_dir, env)
-    with _failure_recorded(run_dir, env, log_file):
+    with failure_recorded(run_dir, env, log_file):
         timeout_s = collective_timeout(config.ddp.timeout_s, config.watchdog)
         with init(seed=config.run.seed, device=config.train.device, backend=config.ddp.backend,
                   timeout_s=timeout_s, deterministic=config.run.deterministic,
@@ -64,7 +64,7 @@ def run_training(config: Config, run_dir: str | Path | RunDir, env: DistEnv, job
 
 
 @contextmanager
-def _failure_recorded(run_dir: RunDir, env: DistEnv, log_file: Path):
+def failure_recorded(run_dir: RunDir, env: DistEnv, log_file: Path):
     """A failure's message to the log (and so rank 0's console) and state.json; its traceback to the log file."""
     try:
         yield
