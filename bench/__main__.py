@@ -19,7 +19,7 @@ import bench
 from bench import harness
 
 ORDER = ("step_time", "ddp_step_time", "startup", "input_pipeline", "memory", "gpu_scaling", "checkpoint_stall",
-         "resume_latency")
+         "resume_latency", "exact_resume", "tuning", "peers", "scale")
 NOT_BENCHMARKS = {"harness", "workload", "workload_job", "raw_train"}
 
 

@@ -18,6 +18,7 @@ Workloads:
 from __future__ import annotations
 
 import json
+import resource
 import time
 
 import torch
@@ -96,7 +97,8 @@ def memory_kb() -> dict[str, int]:
 
 
 class Probe:
-    """Appends one JSON line per chosen step: the clock, this thread's CPU time, the loss, resident memory.
+    """Appends one JSON line per chosen step: the clock, this thread's CPU time, the loss, resident memory,
+    and the process's minor page faults and context switches so far.
 
     Called right after the forward pass of each micro-step, by both sides, so
     the time between two probes covers whole steps of each loop. Only the
@@ -109,8 +111,10 @@ class Probe:
     def __call__(self, loss: torch.Tensor) -> None:
         self.count += 1
         if self.count in self.steps:
+            usage = resource.getrusage(resource.RUSAGE_SELF)  # this process: page faults, context switches
             record = {"step": self.count, "clock": time.perf_counter(), "cpu": time.thread_time(), "time": time.time(),
-                      "loss": loss.item(), **memory_kb()}
+                      "loss": loss.item(), "minflt": usage.ru_minflt, "switches": usage.ru_nvcsw + usage.ru_nivcsw,
+                      **memory_kb()}
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 

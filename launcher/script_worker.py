@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         traceback.print_exc()
         return 130
-    except BaseException:  # noqa: BLE001 - reported as the interpreter would, then the exit code 1
+    except BaseException:  # reported as the interpreter would, then the exit code 1
         traceback.print_exc()
         return 1
     return 0

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# A real two-node SLURM cluster (nodes n1, n2) on this single machine, for tests and CI.
+# A real four-node SLURM cluster (nodes n1-n4) on this single machine, for tests and CI.
+# Partition `debug` (the default) holds n1 and n2; partition `four` holds all four.
 #
-#   scripts/slurm_cluster.sh start  [RUNDIR]   install if needed, start, wait until both nodes are idle
+#   scripts/slurm_cluster.sh start  [RUNDIR]   install if needed, start, wait until every node is idle
 #   scripts/slurm_cluster.sh stop   [RUNDIR]   cancel all jobs, stop exactly the daemons `start` started
 #   scripts/slurm_cluster.sh status [RUNDIR]   sinfo + squeue (exit 5 if the cluster is not up)
+#   scripts/slurm_cluster.sh node-up NODE [RUNDIR]  start NODE's slurmd again (after a test killed it)
 #
 # RUNDIR defaults to $LAUNCHER_SLURM_RUNDIR or /tmp/launcher-slurm. It holds slurm.conf, the
 # daemons' logs, state and spool folders, and `pids` ("PID COMM LABEL" per line: every process
@@ -15,7 +17,7 @@
 # Progress and errors go to stderr.
 #
 # Environment: LAUNCHER_SLURM_RUNDIR, LAUNCHER_SLURM_PORT (slurmctld port, default 17000; the
-# slurmds use PORT+1 and PORT+2), LAUNCHER_SLURM_CRED_EXPIRE (default 5, see below),
+# slurmds use PORT+1 to PORT+4), LAUNCHER_SLURM_CRED_EXPIRE (default 5, see below),
 # LAUNCHER_SLURM_START_TIMEOUT (default 60 s).
 #
 # Exit codes: 0 ok, 2 usage, 3 not root, 4 install failed, 5 cluster failed to start / not up.
@@ -33,9 +35,10 @@ START_TIMEOUT=${LAUNCHER_SLURM_START_TIMEOUT:-60}
 # within 5 s of the controller creating it ("Credential expired" otherwise), which is plenty
 # on one machine; raise it if that error ever shows up on a very loaded machine.
 CRED_EXPIRE=${LAUNCHER_SLURM_CRED_EXPIRE:-5}
-# slurmctld listens on PORT, the slurmds of n1/n2 on PORT+1/PORT+2. A second cluster (another
+# slurmctld listens on PORT, the slurmds of n1-n4 on PORT+1 to PORT+4. A second cluster (another
 # RUNDIR) can run at the same time only with another PORT.
 PORT=${LAUNCHER_SLURM_PORT:-17000}
+NODES=(n1 n2 n3 n4)
 
 log() { echo "slurm_cluster: $*" >&2; }
 die() {
@@ -45,12 +48,17 @@ die() {
     exit "$code"
 }
 usage() {
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
 cmd=${1:-}
 [ -n "$cmd" ] || usage
+if [ "$cmd" = node-up ]; then
+    NODE=${2:-}
+    [ -n "$NODE" ] || usage
+    shift
+fi
 RUNDIR=${2:-${LAUNCHER_SLURM_RUNDIR:-/tmp/launcher-slurm}}
 RUNDIR=$(realpath -m -- "$RUNDIR") # slurm.conf needs absolute paths
 CONF=$RUNDIR/slurm.conf
@@ -142,7 +150,7 @@ fail() {
     shift
     log "ERROR: $msg"
     local labels=("$@") label
-    [ ${#labels[@]} -gt 0 ] || labels=(slurmctld slurmd-n1 slurmd-n2)
+    [ ${#labels[@]} -gt 0 ] || labels=(slurmctld "${NODES[@]/#/slurmd-}")
     for label in "${labels[@]}"; do show_log "$label"; done
     kill_recorded
     exit 5
@@ -159,11 +167,14 @@ ctld_pid() { awk '$2 == "slurmctld" { print $1 }' "$PIDS"; }
 
 ctld_up() { timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
-# True if sinfo shows both nodes in one of the states matching the regex $1.
+# True if sinfo shows every node in one of the states matching the regex $1.
 nodes_in() {
     local out
     out=$(timeout 5 sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
-    grep -qxE "n1 ($1)" <<<"$out" && grep -qxE "n2 ($1)" <<<"$out"
+    local node
+    for node in "${NODES[@]}"; do
+        grep -qxE "$node ($1)" <<<"$out" || return 1
+    done
 }
 
 # --- start steps ---------------------------------------------------------------------------
@@ -224,12 +235,15 @@ ensure_munge() {
 }
 
 ensure_hosts() {
-    # Jobs see SLURM_JOB_NODELIST=n[1-2]; code that derives a master address from it must be
-    # able to resolve n1 and n2.
-    if ! getent hosts n1 >/dev/null || ! getent hosts n2 >/dev/null; then
-        log "adding '127.0.0.1 n1 n2' to /etc/hosts"
-        echo "127.0.0.1 n1 n2" >>/etc/hosts
-    fi
+    # Jobs see SLURM_JOB_NODELIST=n[1-4]; code that derives a master address from it must be
+    # able to resolve every node.
+    local node
+    for node in "${NODES[@]}"; do
+        if ! getent hosts "$node" >/dev/null; then
+            log "adding '127.0.0.1 $node' to /etc/hosts"
+            echo "127.0.0.1 $node" >>/etc/hosts
+        fi
+    done
 }
 
 # slurm.conf for RUNDIR, on stdout.
@@ -237,7 +251,7 @@ render_conf() {
     local host
     host=$(hostname -s)
     cat <<EOF
-# Written by scripts/slurm_cluster.sh: a two-node test cluster on one machine.
+# Written by scripts/slurm_cluster.sh: a four-node test cluster on one machine.
 ClusterName=launcher
 # "(127.0.0.1)": the host name need not resolve.
 SlurmctldHost=${host}(127.0.0.1)
@@ -265,7 +279,7 @@ SchedulerParameters=bf_interval=1,sched_interval=2
 # consumable, so jobs without --mem run (and any --mem up to RealMemory is accepted).
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-# Use the node sizes below as written, whatever the machine has: both slurmds run on the same
+# Use the node sizes below as written, whatever the machine has: every slurmd runs on the same
 # cores, and a machine with fewer CPUs than declared does not get its nodes set INVALID.
 SlurmdParameters=config_overrides
 # Processes ignoring SIGTERM get SIGKILL after 10 s instead of 30: cancel and stop stay quick.
@@ -285,8 +299,9 @@ SlurmdSpoolDir=${RUNDIR}/slurmd-%n
 StateSaveLocation=${RUNDIR}/state
 SlurmctldLogFile=${RUNDIR}/slurmctld.log
 SlurmdLogFile=${RUNDIR}/slurmd-%n.log
-NodeName=n[1-2] NodeHostname=${host} NodeAddr=127.0.0.1 Port=$((PORT + 1))-$((PORT + 2)) CPUs=2 Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=4000 State=UNKNOWN
+NodeName=n[1-4] NodeHostname=${host} NodeAddr=127.0.0.1 Port=$((PORT + 1))-$((PORT + 4)) CPUs=2 Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
+PartitionName=four Nodes=n[1-4] MaxTime=INFINITE State=UP
 EOF
 }
 
@@ -346,16 +361,16 @@ do_start() {
     # Another cluster (other RUNDIR, same PORT) would answer our scontrol/sinfo and look
     # like ours: refuse instead.
     local p
-    for p in "$PORT" $((PORT + 1)) $((PORT + 2)); do
+    for p in "$PORT" $((PORT + 1)) $((PORT + 2)) $((PORT + 3)) $((PORT + 4)); do
         if port_in_use "$p"; then
             die 5 "port $p on 127.0.0.1 is in use (another SLURM cluster?): stop it, or set" \
-                "LAUNCHER_SLURM_PORT to a free base port (this cluster uses PORT..PORT+2)"
+                "LAUNCHER_SLURM_PORT to a free base port (this cluster uses PORT..PORT+4)"
         fi
     done
     # (pytest-owned: tests/slurm_fixtures.py sets it when a test session started the cluster.)
-    rm -rf "$RUNDIR/state" "$RUNDIR"/slurmd-n[12] "$RUNDIR"/*.log "$RUNDIR"/*.out \
+    rm -rf "$RUNDIR/state" "$RUNDIR"/slurmd-n[1-4] "$RUNDIR"/*.log "$RUNDIR"/*.out \
         "$RUNDIR"/*.pid "$RUNDIR/pytest-owned"
-    mkdir -p "$RUNDIR/state" "$RUNDIR/slurmd-n1" "$RUNDIR/slurmd-n2"
+    mkdir -p "$RUNDIR/state" "${NODES[@]/#/$RUNDIR/slurmd-}"
     : >"$PIDS"
 
     ensure_munge
@@ -370,18 +385,20 @@ do_start() {
         [ $SECONDS -lt $deadline ] || fail "slurmctld did not answer within ${START_TIMEOUT} s" slurmctld
         sleep 0.2
     done
-    spawn slurmd slurmd-n1 slurmd -D -N n1 -f "$CONF"
-    spawn slurmd slurmd-n2 slurmd -D -N n2 -f "$CONF"
+    local node
+    for node in "${NODES[@]}"; do
+        spawn slurmd "slurmd-$node" slurmd -D -N "$node" -f "$CONF"
+    done
     until nodes_in idle; do # exactly idle: not idle* (no answer), drain, down, inval
         check_alive_or_fail
         if [ $SECONDS -ge $deadline ]; then
             timeout 5 sinfo -N -l >&2 || true
-            fail "nodes n1 and n2 not both idle within ${START_TIMEOUT} s"
+            fail "nodes ${NODES[*]} not all idle within ${START_TIMEOUT} s"
         fi
         sleep 0.2
     done
     check_alive_or_fail
-    log "up in $((SECONDS - t0)) s: nodes n1, n2 with 2 CPUs each; RUNDIR=$RUNDIR"
+    log "up in $((SECONDS - t0)) s: nodes ${NODES[*]} with 2 CPUs each; RUNDIR=$RUNDIR"
     print_env started
 }
 
@@ -428,8 +445,37 @@ do_status() {
     timeout 10 squeue
 }
 
+# A lost node comes back: its slurmd starts again (ReturnToService=2 makes it usable once it
+# registers) and replaces the dead one's line in the pids file.
+do_node_up() {
+    require_root
+    take_lock
+    printf '%s\n' "${NODES[@]}" | grep -qx -- "$NODE" || die 2 "no node $NODE (nodes: ${NODES[*]})"
+    local pid name label
+    if [ -f "$PIDS" ]; then
+        while read -r pid name label; do
+            if [ "$label" = "slurmd-$NODE" ] && pid_is "$pid" "$name"; then
+                log "slurmd of $NODE is running (pid $pid)"
+                return 0
+            fi
+        done <"$PIDS"
+        grep -v " slurmd-$NODE\$" "$PIDS" >"$PIDS.new" || true
+        mv "$PIDS.new" "$PIDS"
+    fi
+    scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
+    spawn slurmd "slurmd-$NODE" slurmd -D -N "$NODE" -f "$CONF"
+    local t=0
+    until timeout 5 sinfo -h -N -n "$NODE" -o '%t' 2>/dev/null | grep -qxE 'idle|mix|alloc'; do
+        [ $t -lt 300 ] || die 5 "$NODE not idle within 60 s after its slurmd started"
+        sleep 0.2
+        t=$((t + 1))
+    done
+    log "$NODE is up"
+}
+
 case "$cmd" in
 start) do_start ;;
+node-up) do_node_up ;;
 stop) do_stop ;;
 status) do_status ;;
 *) usage ;;

@@ -19,7 +19,7 @@ TIERS = ("unit", "multiprocess", "e2e", "slurm", "scale", "gpu")
 
 
 # Tiers whose tests share one machine-wide resource run in one xdist worker (``--dist loadgroup``):
-# the SLURM cluster's two nodes, and the scale tier's dozens of processes.
+# the SLURM cluster's nodes, and the scale tier's dozens of processes.
 SERIAL = ("slurm", "scale")
 
 

@@ -175,7 +175,8 @@ def _failures(result: RunResult) -> list[dict]:
     items = []
     for rank, failure in sorted((result.failures if result else {}).items()):
         items.append({"rank": rank, "exit_code": failure.exitcode, "error": failure_text(failure)})
-    return sorted(items, key=lambda item: (is_consequence(item["error"], item["exit_code"]), item["error"] is not None, item["rank"]))
+    return sorted(items, key=lambda item: (is_consequence(item["error"], item["exit_code"]),
+                                           item["error"] is not None, item["rank"]))
 
 
 class RunLogs(DefaultLogsSpecs):

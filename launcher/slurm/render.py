@@ -8,6 +8,11 @@ task fails (``--kill-on-bad-exit``), and gets the CPUs per task explicitly
 ``--cpus-per-task``, and with task affinity each task would get one CPU).
 Every value is shell-quoted; the plan has already refused what a script cannot
 carry (a newline; ``%`` in a path).
+
+With a node range (``--nodes MIN:MAX``) the script cannot say ``--ntasks-per-node``:
+sbatch would derive the job's task count from MIN and allocate MIN nodes even
+when MAX are idle. It asks instead for one slot per node holding every CPU of
+the node's tasks, and ``srun`` starts the tasks on however many nodes came.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ def log_pattern(plan: SlurmPlan, stream: str, task: str = "%t") -> str:
 
 
 def render_sbatch(plan: SlurmPlan) -> str:
+    node_range = "-" in plan.nodes
+    per_node = ({"cpus-per-task": plan.cpus_per_task * plan.tasks_per_node} if node_range
+                else {"ntasks-per-node": plan.tasks_per_node, "cpus-per-task": plan.cpus_per_task})
     options: dict = {
         "job-name": plan.job_name,
         "nodes": plan.nodes,
-        "ntasks-per-node": plan.tasks_per_node,
-        "cpus-per-task": plan.cpus_per_task,
+        **per_node,
         **({"gpus-per-node": plan.gpus_per_node} if plan.gpus_per_node else {}),
         **{name: value for name, value in plan.options.items() if name != "job-name"},
         "signal": f"{WARNING_SIGNAL}@{plan.signal_delay_s}",
@@ -62,5 +69,9 @@ def render_sbatch(plan: SlurmPlan) -> str:
         lines.append("export CUDA_VISIBLE_DEVICES=  # --cpu means CPU, even on a node with GPUs")
     srun = ["srun", "--unbuffered", "--kill-on-bad-exit=1", "--output", log_pattern(plan, "out"),
             "--error", log_pattern(plan, "err")]
-    lines += ["", shlex.join(srun + task_command(plan)), ""]
+    tasks = ""
+    if node_range:  # the tasks on the nodes SLURM gave: SLURM_JOB_NUM_NODES is set in the job
+        tasks = (f'--ntasks="$((SLURM_JOB_NUM_NODES * {plan.tasks_per_node}))" '
+                 f"--ntasks-per-node={plan.tasks_per_node} ")
+    lines += ["", shlex.join(srun[:3]) + " " + tasks + shlex.join(srun[3:] + task_command(plan)), ""]
     return "\n".join(lines)

@@ -39,6 +39,9 @@ _ERROR_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*|\d+:\s*)?(error: |watchdog: |[A-Z
 # srun on a task that died: "srun: error: n2: task 1: Killed" (or "Exited with exit code 1").
 _TASK_DIED = re.compile(r"srun: error: \S+: tasks? [\d,-]+: (Killed|Exited with exit code|Terminated)")
 _LOGGED_ERROR = re.compile(r"^\d\d:\d\d:\d\d \[rank \d+\] (?:ERROR|CRITICAL) ")
+# What a task prints last when it fails (launcher/slurm/task.py): on ranks other than 0 the log
+# line above goes to the rank's log file only, so this is the error's one line in the task's stderr.
+TASK_FAILED = "launch: task failed: "
 
 
 def checked_jobs(run_dir: RunDir) -> list[tuple[dict, dict, str | None]]:
@@ -74,7 +77,8 @@ def first_error(folder: Path, job_id: str, lines: int = 8) -> tuple[Path, list[s
         if died:
             found.append((3, rank_of(path), path, died[-lines:]))
         marks = [i for i, line in enumerate(text)
-                 if _TRACEBACK.match(line) or _ERROR_LINE.match(line) or _LOGGED_ERROR.match(line)]
+                 if _TRACEBACK.match(line) or _ERROR_LINE.match(line) or _LOGGED_ERROR.match(line)
+                 or line.startswith(TASK_FAILED)]
         if marks:
             tail = [line for line in text[marks[0]:] if line.strip()][-lines:]
             found.append((2 if is_consequence(" ".join(tail)) else 1, rank_of(path), path, tail))

@@ -44,6 +44,7 @@ from pathlib import Path
 from ddp.codes import STOP_SIGNALS
 from ddp.layout import RunDir  # torch-free, like everything imported before the task has its handlers
 from launcher.latch import SignalLatch
+from launcher.slurm.status import TASK_FAILED
 
 EVENTS_LOG = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         process_job(argv[0])
         code = 0
     except BaseException as err:
-        print(f"launch: task failed: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"{TASK_FAILED}{type(err).__name__}: {err}", file=sys.stderr)
     finally:
         signal_ignore_stops()
         logging.shutdown()

@@ -7,37 +7,17 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from launcher.ports import free_port
 from tests.support.helpers import metrics, start_launch, wait_for, write_config
-from tests.support.job import JOB_NAME, recorded_ids
+from tests.support.job import JOB_NAME
+from tests.support.sampling import assert_every_sample_once, assert_one_lr_curve
 
 pytestmark = pytest.mark.timeout(600)
 
 SAMPLES = 480
-
-
-def effective_batches(record_dir: Path) -> dict[int, list[dict]]:
-    """For each micro-batch position, the records of the last attempt that trained it (replays replace).
-
-    An attempt is a set of worker processes; a later attempt's processes started later."""
-    rows = recorded_ids(record_dir)
-    started = {}
-    for row in rows:
-        started[row["pid"]] = min(started.get(row["pid"], row["time"]), row["time"])
-    by_position: dict[int, list[dict]] = {}
-    for row in rows:
-        by_position.setdefault(row["position"], []).append(row)
-    out = {}
-    for position, found in by_position.items():
-        latest = max(started[row["pid"]] for row in found)
-        # The workers of one attempt start within seconds of each other; an attempt is seconds after another.
-        out[position] = [row for row in found if started[row["pid"]] >= latest - 5]
-    return out
 
 
 def test_a_lost_node_is_a_scale_down_and_its_return_a_scale_up_with_every_sample_once(tmp_path):
@@ -79,24 +59,5 @@ def test_a_lost_node_is_a_scale_down_and_its_return_a_scale_up_with_every_sample
     assert [c["why"] for c in changes] == ["scale-down: a node left", "scale-up: a node joined"], changes
     assert [(c["old_world_size"], c["new_world_size"]) for c in changes] == [(2, 1), (1, 2)]
 
-    # Every sample of each epoch once (and at most a world size's padding, as DistributedSampler pads).
-    records = metrics(run_dir)
-    epoch_ends = sorted(r["step"] for r in records if "train/epoch_time_s" in r)
-    assert len(epoch_ends) == 4
-    ids_by_epoch: dict[int, Counter] = {}
-    for position, rows in effective_batches(record).items():
-        epoch = sum(1 for end in epoch_ends if end <= position)  # position p trains step p + 1
-        for row in rows:
-            ids_by_epoch.setdefault(epoch, Counter()).update(row["ids"])
-    for epoch, counts in sorted(ids_by_epoch.items()):
-        assert set(counts) == set(range(SAMPLES)), f"epoch {epoch} missed samples"
-        assert sum(counts.values()) - SAMPLES <= 1, f"epoch {epoch} repeated more than the padding"
-
-    # One learning-rate curve: each step logged once, no jump at a change, ending at min_lr.
-    lrs = {r["step"]: r["train/lr"] for r in records if "train/lr" in r}
-    steps = sorted(lrs)
-    assert steps == list(range(1, steps[-1] + 1))
-    jumps = [abs(lrs[s + 1] - lrs[s]) for s in steps[:-1]]
-    typical = sorted(jumps)[len(jumps) // 2]
-    assert max(jumps) <= 4 * typical + 1e-9, max(jumps)
-    assert lrs[steps[-1]] == pytest.approx(0.001)
+    assert_every_sample_once(run_dir, record, SAMPLES, epochs=4)
+    assert_one_lr_curve(run_dir, min_lr=0.001)

@@ -110,10 +110,11 @@ def test_node_names_resolve_to_loopback(slurm_cluster: SlurmCluster) -> None:
         assert socket.gethostbyname(node) == "127.0.0.1"
 
 
-def test_nodes_are_idle_with_two_cpus(slurm_cluster: SlurmCluster) -> None:
-    out = run(slurm_cluster, "sinfo", "-h", "-N", "-o", "%N %c %m")
+def test_nodes_have_two_cpus_and_the_default_partition_two_nodes(slurm_cluster: SlurmCluster) -> None:
+    out = run(slurm_cluster, "sinfo", "-h", "-N", "-o", "%P %N %c %m")
     rows = sorted(line.split() for line in out.splitlines() if line.strip())
-    assert rows == [["n1", "2", "4000"], ["n2", "2", "4000"]], out
+    assert rows == sorted([["debug*", "n1", "2", "4000"], ["debug*", "n2", "2", "4000"]]
+                          + [["four", node, "2", "4000"] for node in slurm_cluster.nodes]), out
 
 
 def test_batch_end_states_recorded_without_slurmdbd(

@@ -56,7 +56,7 @@ class SlurmCluster:
     conf: Path  # slurm.conf; also in os.environ["SLURM_CONF"] during the session
     rundir: Path  # logs (slurmctld.log, slurmd-n1.log, ...), state, jobcomp.log
     started: bool  # True if this session started it (rather than finding it running)
-    nodes: tuple[str, ...] = ("n1", "n2")
+    nodes: tuple[str, ...] = ("n1", "n2", "n3", "n4")  # partition debug (the default): n1, n2; four: all
     cpus_per_node: int = 2
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -66,7 +66,7 @@ class SlurmCluster:
     def logs(self, lines: int = 30) -> str:
         """The last lines of the daemons' logs, for assertion messages."""
         parts = []
-        for name in ("slurmctld.log", "slurmd-n1.log", "slurmd-n2.log"):
+        for name in ("slurmctld.log", *(f"slurmd-{node}.log" for node in self.nodes)):
             path = self.rundir / name
             try:
                 text = path.read_text(errors="replace").splitlines()

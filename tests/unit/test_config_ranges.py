@@ -90,6 +90,7 @@ BAD = {
     "ddp.gradient_as_bucket_view": ["x"],
     "ddp.static_graph": ["x"],
     "ddp.find_unused_parameters": ["x"],
+    "ddp.exact_resume": ["x"],
     "watchdog.timeout_s": [0, -5, "sometimes"],
     "watchdog.floor_s": [0],
     "watchdog.startup_s": [-1],

@@ -151,6 +151,16 @@ def test_an_elastic_node_range_and_a_sweep_array_are_asked_for():
     assert [plan.for_element(e).job_name for e in elements] == ["demo_lr0.1", "demo_lr0.01", "demo_lr0.001"]
 
 
+def test_a_node_range_asks_for_whole_nodes_and_srun_starts_the_tasks_on_every_node_given():
+    """With --ntasks-per-node, sbatch would derive the task count from MIN and allocate MIN nodes."""
+    script = render_sbatch(plan_for(["data.num_workers=2"], nodes="3:4", nproc_per_node=2))
+    assert "--ntasks-per-node" not in "".join(line for line in script.splitlines() if line.startswith("#SBATCH"))
+    assert "\n#SBATCH --cpus-per-task=6\n" in script  # 2 tasks x (2 loader processes + 1)
+    assert "\nexport SRUN_CPUS_PER_TASK=3\n" in script
+    srun = '\nsrun --unbuffered --kill-on-bad-exit=1 --ntasks="$((SLURM_JOB_NUM_NODES * 2))" --ntasks-per-node=2 '
+    assert srun in script
+
+
 @pytest.mark.parametrize("run_dir, message", [
     ("/scratch/runs/line\nbreak", "newline"),
     ("/scratch/runs/tab\there", "control character"),
