@@ -219,6 +219,7 @@ def test_a_forged_unloadable_newest_checkpoint_falls_back_to_the_previous_one(tm
     assert_same_weights(final_weights(reference), final_weights(run_dir.path))
 
 
+@pytest.mark.timeout(600)  # eleven launches: ~5 minutes on a busy 2-core machine
 def test_async_saves_loader_processes_and_repeated_stops_never_hang(tmp_path):
     """Ten launches, each stopped by SIGTERM at a moment of its own once it trains, with async checkpoints and
     loader processes (the fork hazard): every one ends within its time, and the run ends as an uninterrupted one."""
