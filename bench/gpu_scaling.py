@@ -15,7 +15,7 @@ import os
 import sys
 
 from bench.harness import Scratch, launch_command, raw_args, report, run_in_terminal, torchrun_command, workload_config
-from bench.workload import read_probes
+from bench.workload import fastest_step_s, read_probes
 
 BATCH, FIRST, LAST, WINDOW = 256, 20, 220, 20
 
@@ -33,9 +33,7 @@ def samples_per_s(scratch: Scratch, gpus: int, side: str) -> float:
         args[args.index("--device") + 1] = "cuda"
         run_in_terminal(torchrun_command("--standalone", f"--nproc-per-node={gpus}", *args))
     probes = read_probes(probe_file)
-    clocks = [probes[step]["clock"] for step in range(FIRST, LAST + 1, WINDOW)]
-    seconds_per_step = min(b - a for a, b in zip(clocks, clocks[1:])) / WINDOW
-    return BATCH * gpus / seconds_per_step
+    return BATCH * gpus / fastest_step_s(probes, FIRST, LAST, WINDOW)
 
 
 def main() -> None:

@@ -37,6 +37,26 @@ def make_loader(args, dataset, rank: int, world_size: int) -> DataLoader:
                       persistent_workers=workers > 0, prefetch_factor=args.prefetch_factor if workers else None)
 
 
+def train(args, probe, model, optimizer, loader, backward, say) -> None:
+    """The raw loop's steps, with the peer's own ``backward`` and rank-0 ``print`` (Fabric, Accelerate)."""
+    step, epoch = 0, 0
+    while step < args.steps:
+        loader.sampler.set_epoch(epoch)
+        for images, labels in loader:
+            loss = F.cross_entropy(model(images), labels)
+            if probe:
+                probe(loss)
+            backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % args.log_every == 0:
+                say(f"epoch {epoch} step {step} loss {loss.item():.4f}")
+            if step >= args.steps:
+                break
+        epoch += 1
+
+
 def run_fabric(args, probe, rank: int, world_size: int) -> None:
     from lightning.fabric import Fabric
 
@@ -48,22 +68,7 @@ def run_fabric(args, probe, rank: int, world_size: int) -> None:
     model, optimizer = fabric.setup(model, optimizer)
     loader = make_loader(args, make_dataset(args.workload, args.size), rank, world_size)
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
-    step, epoch = 0, 0
-    while step < args.steps:
-        loader.sampler.set_epoch(epoch)
-        for images, labels in loader:
-            loss = F.cross_entropy(model(images), labels)
-            if probe:
-                probe(loss)
-            fabric.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % args.log_every == 0:
-                fabric.print(f"epoch {epoch} step {step} loss {loss.item():.4f}")
-            if step >= args.steps:
-                break
-        epoch += 1
+    train(args, probe, model, optimizer, loader, fabric.backward, fabric.print)
 
 
 def run_accelerate(args, probe, rank: int, world_size: int) -> None:
@@ -75,22 +80,7 @@ def run_accelerate(args, probe, rank: int, world_size: int) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = make_loader(args, make_dataset(args.workload, args.size), rank, world_size)
-    step, epoch = 0, 0
-    while step < args.steps:
-        loader.sampler.set_epoch(epoch)
-        for images, labels in loader:
-            loss = F.cross_entropy(model(images), labels)
-            if probe:
-                probe(loss)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % args.log_every == 0:
-                accelerator.print(f"epoch {epoch} step {step} loss {loss.item():.4f}")
-            if step >= args.steps:
-                break
-        epoch += 1
+    train(args, probe, model, optimizer, loader, accelerator.backward, accelerator.print)
 
 
 def run_lightning(args, probe, rank: int, world_size: int) -> None:

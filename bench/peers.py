@@ -38,7 +38,7 @@ from bench.harness import (
     run_in_terminal,
     torchrun_command,
 )
-from bench.workload import read_probes
+from bench.workload import fastest_step_s, read_probes
 
 PEER_TRAIN = ROOT / "bench" / "peer_train.py"
 PEERS = ("lightning", "fabric", "accelerate")
@@ -73,8 +73,7 @@ def measure_peer(scratch: Scratch, peer: str, kind: str, first: int, last: int, 
         run_in_terminal(torchrun_command("--standalone", f"--nproc-per-node={nproc}", *args), env=env,
                         timeout=HANG_S)
     probes = read_probes(probe_file)
-    clocks = [probes[step]["clock"] for step in range(first, last + 1, window)]
-    return min(b - a for a, b in zip(clocks, clocks[1:])) / window, probes[last]["loss"]
+    return fastest_step_s(probes, first, last, window), probes[last]["loss"]
 
 
 def run_case(kind: str, first: int, last: int, window: int, workers: int, nproc: int, rounds: int) -> dict:

@@ -33,7 +33,7 @@ from bench.harness import (
     torchrun_command,
     workload_config,
 )
-from bench.workload import read_probes
+from bench.workload import fastest_step_s, read_probes
 
 # (workload, first probed step, last probed step, steps per window, loader workers). The MLP's
 # steps take ~0.5 ms and its data is in memory, where a loader worker only adds inter-process
@@ -65,10 +65,8 @@ def measure(scratch: Scratch, kind: str, first: int, last: int, window: int, wor
     else:
         run_in_terminal(torchrun_command("--standalone", f"--nproc-per-node={nproc}", *raw_args(**common)))
     probes = read_probes(probe_file)
-    clocks = [probes[step]["clock"] for step in range(first, last + 1, window)]
-    fastest = min(b - a for a, b in zip(clocks, clocks[1:]))
     cpu = (probes[last]["cpu"] - probes[first]["cpu"]) / (last - first)
-    return fastest / window, cpu, probes[last]["loss"]
+    return fastest_step_s(probes, first, last, window), cpu, probes[last]["loss"]
 
 
 def compare_step_time(title: str, kind: str, first: int, last: int, window: int, workers: int, nproc: int,

@@ -28,7 +28,7 @@ from bench.harness import (
     workload_config,
 )
 from bench.step_time import BATCH
-from bench.workload import read_probes
+from bench.workload import fastest_step_s, read_probes
 
 # (workload, first probed step, last probed step, steps per window, loader workers)
 CASES = (("cnn", 10, 130, 10, 1), ("mlp", 200, 1400, 100, 0))
@@ -52,9 +52,8 @@ def measure(scratch: Scratch, kind: str, first: int, last: int, window: int, wor
     run_in_terminal(launch_command(*ours_launch_args(nproc), *options, str(config)), env=env)
     probes = read_probes(probe_file)
     steps = last - first
-    clocks = [probes[step]["clock"] for step in range(first, last + 1, window)]
     figures = {key: (probes[last][key] - probes[first][key]) / steps for key in ("minflt", "switches", "cpu")}
-    return {"ms": min(b - a for a, b in zip(clocks, clocks[1:])) / window * 1000, **figures}
+    return {"ms": fastest_step_s(probes, first, last, window) * 1000, **figures}
 
 
 def compare_variants(kind: str, first: int, last: int, window: int, workers: int, nproc: int, rounds: int) -> str:

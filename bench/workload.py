@@ -123,3 +123,10 @@ def read_probes(path) -> dict[int, dict]:
     with open(path) as handle:
         records = [json.loads(line) for line in handle if line.strip()]
     return {record["step"]: record for record in records}
+
+
+def fastest_step_s(probes: dict[int, dict], first: int, last: int, window: int) -> float:
+    """Seconds per step in the run's fastest window of ``window`` steps between the probed steps
+    ``first`` and ``last``: other processes on the machine only ever add time."""
+    clocks = [probes[step]["clock"] for step in range(first, last + 1, window)]
+    return min(b - a for a, b in zip(clocks, clocks[1:])) / window
