@@ -57,16 +57,20 @@ def measure(scratch: Scratch, kind: str, first: int, last: int, window: int, wor
     size = (last + 10) * BATCH * nproc  # one epoch holds every measured step
     common = dict(kind=kind, size=size, steps=last + 1, batch_size=BATCH, num_workers=workers,
                   probe_file=probe_file, probe_steps=list(range(first, last + 1, window)))
-    if side == "ours":
-        config = workload_config(scratch, run_name=name, **common)
-        run_in_terminal(launch_command(*ours_launch_args(nproc), str(config)))
-    elif nproc == 1:
-        run_in_terminal([sys.executable, *raw_args(**common)])
-    else:
-        run_in_terminal(torchrun_command("--standalone", f"--nproc-per-node={nproc}", *raw_args(**common)))
+    run_in_terminal(workload_command(scratch, side, nproc, name, common))
     probes = read_probes(probe_file)
     cpu = (probes[last]["cpu"] - probes[first]["cpu"]) / (last - first)
     return fastest_step_s(probes, first, last, window), cpu, probes[last]["loss"]
+
+
+def workload_command(scratch: Scratch, side: str, nproc: int, name: str, common: dict) -> list[str]:
+    """The command that trains a workload: ``launch local`` (ours), else ``python`` or ``torchrun`` the raw loop."""
+    if side == "ours":
+        config = workload_config(scratch, run_name=name, **common)
+        return launch_command(*ours_launch_args(nproc), str(config))
+    if nproc == 1:
+        return [sys.executable, *raw_args(**common)]
+    return torchrun_command("--standalone", f"--nproc-per-node={nproc}", *raw_args(**common))
 
 
 def compare_step_time(title: str, kind: str, first: int, last: int, window: int, workers: int, nproc: int,

@@ -17,6 +17,7 @@ from pathlib import Path
 from ddp.config import Config
 from ddp.env import DistEnv
 from ddp.failure_text import real_error
+from ddp.fork_server import start_fork_server
 from ddp.job import Job
 from ddp.layout import RunDir
 from ddp.reporting import setup_logging, write_run_state
@@ -42,6 +43,9 @@ def run_training(config: Config, run_dir: str | Path | RunDir, env: DistEnv, job
     """
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     log_file = setup_logging(run_dir, env)
+    workers = config.data.num_workers if num_workers is None else num_workers
+    if workers > 0 and config.data.start_method == "forkserver":
+        start_fork_server()  # before the process group's threads: it can then be forked from here
     with failure_recorded(run_dir, env, log_file):
         timeout_s = collective_timeout(config.ddp.timeout_s, config.watchdog)
         with init(seed=config.run.seed, device=config.train.device, backend=config.ddp.backend,

@@ -20,6 +20,10 @@ from launcher.ports import free_port, interface_of, is_loopback, local_address_t
 from launcher.runs import python_module_command
 
 WORKERS_PER_CORE_WARNING = 4  # more CPU workers than this many per core: warned about in the plan
+# CPU workers are pinned to their share of the cores only when it leaves room for their helpers (loader
+# processes, gloo's threads): one core each (2 workers on 2 cores) made the tiny MLP's step ~20% slower
+# and the CNN's no faster (docs/performance.md). GPU workers are pinned near their GPU.
+MIN_CORES_TO_PIN = 2
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,8 @@ def _worker_environment(request: Request, machine: Machine, workers: int, device
         # a small CNN's step faulted ~800 pages in each time without this (see docs/performance.md).
         if sys.platform.startswith("linux"):
             wanted.update(MALLOC_MMAP_THRESHOLD_="16777216", MALLOC_TRIM_THRESHOLD_="268435456")
-        wanted["LAUNCH_CPU_AFFINITY"] = "1"  # each worker (and its loader processes) on its own cores
+        if device == "cuda" or (machine.cores and machine.cores // workers >= MIN_CORES_TO_PIN):
+            wanted["LAUNCH_CPU_AFFINITY"] = "1"  # each worker (and its loader processes) on its own cores
     # OpenMP threads: the node's cores shared out, so workers do not fight over them (two 2-thread
     # workers on 2 cores run ~5x slower than two 1-thread ones). torchrun sets 1 for any number.
     if machine.env_threads is None and machine.cores:

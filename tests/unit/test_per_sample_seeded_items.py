@@ -1,5 +1,5 @@
-"""Per-sample seeding in the training process: every item as if every generator had been seeded for it, and the
-training loop's own generators left exactly as they were."""
+"""Per-sample seeding in the training process: every item as if every generator had been seeded for it, the
+training loop's own generators left exactly as they were, and tensors in memory gathered a batch at a time."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from ddp.data import PerSampleSeeded, sample_seed
+from ddp.data import PerSampleSeeded, collate, sample_seed
 
 
 class Draws(Dataset):
@@ -66,9 +66,14 @@ def test_loading_in_the_training_process_leaves_its_generators_alone():
         assert all(torch.equal(item, reference(Draws(PLANS["late and rare"]), 1, 0, i)) for i, item in enumerate(items))
 
 
-def test_tensors_in_memory_pass_through_unchanged():
-    data = TensorDataset(torch.arange(10.0), torch.arange(10))
+def test_tensors_in_memory_pass_through_unchanged_and_are_gathered_as_a_whole_batch():
+    data = TensorDataset(torch.randn(10, 3), torch.arange(10))
     wrapped = PerSampleSeeded(data, seed=0)
     state = torch.get_rng_state()
-    assert [tuple(map(int, item)) for item in wrapped.__getitems__([(0, 3), (1, 7)])] == [(3, 3), (7, 7)]
+    keys = [(0, 3), (1, 7), (1, 0)]
+    batch = collate(wrapped.__getitems__(keys))
+    expected = default_collate([data[index] for _, index in keys])  # what the loader made of the rows
+    assert len(batch) == 2 and all(torch.equal(got, want) and got.dtype == want.dtype and got.is_contiguous()
+                                   for got, want in zip(batch, expected))
+    assert [tuple(map(float, wrapped[key][0])) for key in keys] == [tuple(map(float, data[i][0])) for _, i in keys]
     assert torch.equal(torch.get_rng_state(), state)

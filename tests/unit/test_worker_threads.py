@@ -1,8 +1,10 @@
-"""CPU workers share the cores out (OMP_NUM_THREADS = cores // workers); the user's own setting wins."""
+"""CPU workers share the cores out (OMP_NUM_THREADS = cores // workers); the user's own setting wins; the process
+tuning (allocator, affinity where each worker gets cores to spare) reaches the workers unless turned off."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from launcher.local.agent import _environment
@@ -11,9 +13,9 @@ from launcher.local.plan import Entry, Machine, Request, plan_local
 RUN_DIR = Path("/tmp/runs/x")
 
 
-def plan(nproc: int = 2, cores: int = 8, env_threads: str | None = None):
+def plan(nproc: int = 2, cores: int = 8, env_threads: str | None = None, tuning: bool = True):
     user = {"OMP_NUM_THREADS": env_threads} if env_threads is not None else {}
-    return plan_local(Request(cpu=True, nproc=nproc),
+    return plan_local(Request(cpu=True, nproc=nproc, tuning=tuning),
                       Machine(visible_gpus=0, cores=cores, env_threads=env_threads, user_environment=user),
                       run_dir=RUN_DIR, entry=Entry("config", str(RUN_DIR)), port=1234)
 
@@ -46,3 +48,12 @@ def test_the_workers_environment_is_set_only_while_they_start(monkeypatch):
         assert os.environ["OMP_NUM_THREADS"] == "2" and os.environ["LAUNCH_TEST_KEPT"] == "theirs"
     assert "OMP_NUM_THREADS" not in os.environ
     assert os.environ["LAUNCH_TEST_KEPT"] == "mine"
+
+
+def test_tuning_keeps_freed_memory_and_pins_only_workers_with_cores_to_spare():
+    roomy, cramped, untuned = plan(nproc=2, cores=8), plan(nproc=2, cores=2), plan(nproc=2, cores=8, tuning=False)
+    assert roomy.environment["LAUNCH_CPU_AFFINITY"] == "1"
+    assert "LAUNCH_CPU_AFFINITY" not in cramped.environment  # one core each: no room for loaders and gloo
+    if sys.platform.startswith("linux"):
+        assert cramped.environment["MALLOC_MMAP_THRESHOLD_"] == "16777216"
+    assert not {"LAUNCH_CPU_AFFINITY", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(untuned.environment)
